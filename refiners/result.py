@@ -1,0 +1,37 @@
+"""What a refinement returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RefineResult:
+    """The outcome of refining one output.
+
+    ``objective_before`` / ``objective_after`` map ``"total"`` to the weighted objective J and each
+    term's name to its unweighted value. ``edits`` lists the accepted edits in the order applied, each
+    ``{"op", "position", "old_tokens", "new_tokens", "old_text", "new_text", "step"}``; positions refer
+    to the sequence as it was at that step. The refined output never has a lower total than the initial.
+    """
+
+    method: str
+    initial_ids: list[int]
+    refined_ids: list[int]
+    initial_text: str
+    refined_text: str
+    objective_before: dict[str, float]
+    objective_after: dict[str, float]
+    edits: list[dict] = field(default_factory=list)
+    candidates_scored: int = 0
+    gradient_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def refine_seconds(self) -> float:
+        return self.gradient_seconds + self.scoring_seconds
+
+    @property
+    def improved(self) -> bool:
+        return self.objective_after["total"] > self.objective_before["total"]
