@@ -1,0 +1,141 @@
+"""Coordinate refinement (HotFlip / GCG style): the gradient ranks every single-token edit.
+
+With the output relaxed to one-hot rows, the gradient of J with respect to row i, mapped through the
+embedding matrix E (V, d), is the first-order gain of writing token v at position i:
+
+    gain[i, v] = w * (log p(v | X, y_<i) - log p(y_i | X, y_<i)) / lp(n)     # the token's own term
+               + (E[v] - E[y_i]) . dJ/de_i                                    # its effect on later tokens
+
+The own term is read exactly from the same forward pass. Insertions and deletions reuse those
+distributions (the token that moves into position i is scored by p(. | X, y_<i)); keyword edits add
+their exact coverage gain. The best B proposals are scored exactly; the improving ones that do not
+overlap are then combined and scored too, and the refiner keeps the best candidate if it improves J.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refiners.edits import Edit
+from refiners.methods.base import Proposal, RefinementMethod, StepInput, make_proposal
+
+MAX_COMBINED_EDITS = 4
+
+
+def replacement_gains(inp: StepInput) -> torch.Tensor:
+    """(m, V) estimated gain of replacing y_i by v (-inf for forbidden or unchanged tokens)."""
+    m = len(inp.body)
+    body = torch.tensor(inp.body, device=inp.logprobs.device)
+    current = inp.logprobs[torch.arange(m), body]  # (m,)
+    own = inp.logprobs[:m] - current[:, None]  # (m, V) change of S
+    later = inp.grad @ inp.vocab.embedding.T - (inp.grad * inp.embeds).sum(-1, keepdim=True)  # (m, V)
+    gains = inp.estimated_gain(own, 0) + later
+    gains[:, ~inp.vocab.allowed] = float("-inf")
+    gains[torch.arange(m), body] = float("-inf")
+    return gains
+
+
+class CoordinateMethod(RefinementMethod):
+    """Propose the best single-position replacements, insertions, deletions and keyword edits."""
+
+    name = "coordinate"
+
+    def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
+        m = len(inp.body)
+        proposals: list[Proposal] = []
+        if inp.missing_keywords:
+            share = max(1, (budget // 2) // len(inp.missing_keywords))
+            for kw in inp.missing_keywords:
+                proposals += self._keyword_edits(inp, kw)[:share]
+        general = self._insertions(inp, max(2, budget // 8))
+        if m:
+            general += self._replacements(inp, budget) + self._deletions(inp)
+        return dedupe(proposals + sorted(general, key=lambda p: -p.estimate), inp.body, budget)
+
+    def _replacements(self, inp: StepInput, k: int) -> list[Proposal]:
+        gains = replacement_gains(inp)
+        values, flat = gains.flatten().topk(min(k, gains.numel()))
+        out = []
+        for value, index in zip(values.tolist(), flat.tolist()):
+            if value == float("-inf"):
+                break
+            i, v = divmod(index, gains.shape[1])
+            out.append(make_proposal(inp, [Edit("replace", i, (inp.body[i],), (v,))], value))
+        return out
+
+    def _deletions(self, inp: StepInput) -> list[Proposal]:
+        m, lp = len(inp.body), inp.logprobs
+        out = []
+        for i in range(m):
+            following = inp.body[i + 1] if i + 1 < m else (inp.tail[0] if inp.tail else None)
+            delta = -lp[i, inp.body[i]]
+            if following is not None:  # the next token moves into position i
+                delta = delta + lp[i, following] - lp[i + 1, following]
+            gain = float(inp.estimated_gain(delta, -1))
+            out.append(make_proposal(inp, [Edit("delete", i, (inp.body[i],), ())], gain))
+        return sorted(out, key=lambda p: -p.estimate)[:4]
+
+    def _insertions(self, inp: StepInput, k: int) -> list[Proposal]:
+        lp = inp.logprobs[: len(inp.body) + 1].clone()  # (m + 1, V): a token inserted before position i
+        lp[:, ~inp.vocab.allowed] = float("-inf")
+        gains = inp.estimated_gain(lp, 1)
+        values, flat = gains.flatten().topk(min(k, gains.numel()))
+        out = []
+        for value, index in zip(values.tolist(), flat.tolist()):
+            i, v = divmod(index, gains.shape[1])
+            out.append(make_proposal(inp, [Edit("insert", i, (), (v,))], value))
+        return out
+
+    def _keyword_edits(self, inp: StepInput, keyword: str) -> list[Proposal]:
+        """Insert the keyword (any inflection) at a word boundary, or let it replace a whole word."""
+        m, lp, vocab = len(inp.body), inp.logprobs, inp.vocab
+        starts = [vocab.starts_word[t] for t in inp.body] + [True]
+        later = None
+        out = []
+        for spelling in vocab.keyword_spellings(keyword):
+            first, n_new = spelling[0], len(spelling)
+            for i in range(1, m + 1):  # mid-sentence spellings start with a space: never position 0
+                if not starts[i]:
+                    continue
+                gain = float(inp.estimated_gain(lp[i, first], n_new, 1))
+                out.append(make_proposal(inp, [Edit("insert", i, (), spelling)], gain, keyword))
+                if i < m and starts[i + 1] and inp.body[i] not in spelling:
+                    if later is None:
+                        later = inp.grad @ vocab.embedding[first] - (inp.grad * inp.embeds).sum(-1)
+                    delta = lp[i, first] - lp[i, inp.body[i]]
+                    gain = float(inp.estimated_gain(delta, n_new - 1, 1) + later[i])
+                    out.append(make_proposal(inp, [Edit("replace", i, (inp.body[i],), spelling)], gain, keyword))
+        return sorted(out, key=lambda p: -p.estimate)
+
+    def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
+        """Greedily stack the best improving single edits that do not overlap (one per keyword)."""
+        improving = sorted(
+            ((p, t) for p, t in scored if t > inp.total and len(p.edits) == 1), key=lambda pt: -pt[1]
+        )
+        chosen: list[Proposal] = []
+        keywords: set[str] = set()
+        for p, _ in improving:
+            if any(p.edits[0].overlaps(c.edits[0]) for c in chosen) or (p.keyword and p.keyword in keywords):
+                continue
+            chosen.append(p)
+            if p.keyword:
+                keywords.add(p.keyword)
+            if len(chosen) == MAX_COMBINED_EDITS:
+                break
+        return [
+            make_proposal(inp, [c.edits[0] for c in chosen[:k]], 0.0, None) for k in range(2, len(chosen) + 1)
+        ]
+
+
+def dedupe(proposals: list[Proposal], current: list[int], budget: int) -> list[Proposal]:
+    """Keep the first proposal of each distinct output, never the unchanged one, at most ``budget``."""
+    seen = {tuple(current)}
+    out = []
+    for p in proposals:
+        key = tuple(p.body)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+        if len(out) == budget:
+            break
+    return out

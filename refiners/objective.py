@@ -1,0 +1,222 @@
+"""The objective J(Y | X) a refinement maximises: a weighted sum of small, separately reported terms.
+
+Every term scores a batch of C candidate outputs at once from a ``CandidateBatch`` (what one exact
+forward pass gives) and returns a tensor of shape (C,). Terms built only from tensors of the pass
+(log-probability, prompt coverage) are differentiable and steer the gradient; terms over text
+(keyword coverage, custom rewards) take part in exact scoring only.
+
+Add a term by subclassing ``ObjectiveTerm`` and passing it to ``Refiner(extra_terms=[...])``; its
+weight is read from ``RefineConfig.weights[term.name]`` or its ``default_weight``::
+
+    class Politeness(ObjectiveTerm):
+        name, default_weight = "politeness", 0.5
+        def score(self, batch):
+            return torch.tensor([float("please" in t.lower()) for t in batch.texts])
+
+``RewardTerm`` wraps any ``str -> float`` function the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refiners.config import RefineConfig
+from refiners.keywords import keyword_present
+
+
+@dataclass
+class CandidateBatch:
+    """Exact results of one forward pass over C candidate outputs (L = longest output).
+
+    Attributes:
+        token_logprobs: (C, L) log p(y_t | X, y_<t) of every output token, 0 at padding.
+        mask: (C, L) 1.0 for real output tokens (a final EOS included), 0.0 for padding.
+        texts: decoded outputs (special tokens skipped), one per candidate.
+        configs: the refine config of the request each candidate belongs to.
+        prompt_attention: (C, P) for each prompt position j, sum over output positions t of the
+            attention a_tj (mean over heads and layers); None unless a term needs it.
+        prompt_mask: (C, P) 1.0 for real prompt tokens; None with ``prompt_attention``.
+    """
+
+    token_logprobs: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+    configs: list[RefineConfig]
+    prompt_attention: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+class ObjectiveTerm:
+    """One term of the objective. Subclasses set ``name`` and implement ``score``."""
+
+    name: str = "term"
+    default_weight: float = 1.0
+    differentiable: bool = False  # built from tensors of the pass, so it can steer the gradient
+    needs_attention: bool = False
+
+    def active(self, config: RefineConfig) -> bool:
+        """Whether the term applies to a request (an inactive term scores 0 and is not reported)."""
+        return True
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        """Return the (C,) unweighted value of the term for every candidate."""
+        raise NotImplementedError
+
+
+def gnmt_length_normaliser(lengths: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """((5 + n) / 6) ** alpha, the length normalisation of GNMT beam search (Wu et al., 2016)."""
+    return ((5.0 + lengths) / 6.0) ** alpha
+
+
+class LogProbTerm(ObjectiveTerm):
+    """Sum of the output's token log-probabilities divided by ((5 + n) / 6) ** length_penalty."""
+
+    name = "logprob"
+    differentiable = True
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        alpha = torch.tensor([c.length_penalty for c in batch.configs], device=batch.mask.device)
+        total = (batch.token_logprobs * batch.mask).sum(-1)
+        return total / gnmt_length_normaliser(batch.lengths, alpha)
+
+
+class LengthTerm(ObjectiveTerm):
+    """-|n - target| / target when ``target_length`` is set: 0 at the target, -1 at twice it."""
+
+    name = "length"
+
+    def active(self, config: RefineConfig) -> bool:
+        return config.target_length is not None
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        target = torch.tensor(
+            [float(c.target_length or 1) for c in batch.configs], device=batch.mask.device
+        )
+        return -(batch.lengths - target).abs() / target
+
+
+class KeywordCoverageTerm(ObjectiveTerm):
+    """Number of requested keywords present in the text (``refiners.keywords.keyword_present``)."""
+
+    name = "keywords"
+
+    def active(self, config: RefineConfig) -> bool:
+        return bool(config.keywords)
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        counts = [sum(keyword_present(k, t) for k in c.keywords) for t, c in zip(batch.texts, batch.configs)]
+        return torch.tensor(counts, dtype=torch.float32, device=batch.mask.device)
+
+
+class PromptCoverageTerm(ObjectiveTerm):
+    """GNMT coverage penalty: sum over prompt tokens j of log(min(sum_t a_tj, 1)).
+
+    a_tj is the attention from output position t to prompt position j, averaged over the heads and
+    layers of the model. It is 0 when every prompt token received at least one unit of attention and
+    grows negative for prompt tokens the output ignored. Needs attention maps (an eager-attention
+    pass), so it is active only when its weight is non-zero.
+    """
+
+    name = "prompt_coverage"
+    default_weight = 0.0
+    differentiable = True
+    needs_attention = True
+
+    def active(self, config: RefineConfig) -> bool:
+        return config.weight(self.name, self.default_weight) > 0
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        assert batch.prompt_attention is not None and batch.prompt_mask is not None
+        covered = batch.prompt_attention.clamp(min=1e-9, max=1.0).log()
+        return (covered * batch.prompt_mask).sum(-1)
+
+
+class RewardTerm(ObjectiveTerm):
+    """A non-differentiable reward over the decoded text, e.g. a classifier or a rule.
+
+    Args:
+        name: the term's name in weights and reports.
+        fn: ``text -> float``; larger is better.
+        default_weight: weight when the request does not set one.
+    """
+
+    def __init__(self, name: str, fn: Callable[[str], float], default_weight: float = 1.0) -> None:
+        if not name or not callable(fn):
+            raise ValueError("RewardTerm needs a non-empty name and a callable text -> float")
+        self.name, self.fn, self.default_weight = name, fn, default_weight
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        return torch.tensor([float(self.fn(t)) for t in batch.texts], device=batch.mask.device)
+
+
+def default_terms() -> list[ObjectiveTerm]:
+    return [LogProbTerm(), LengthTerm(), KeywordCoverageTerm(), PromptCoverageTerm()]
+
+
+class Objective:
+    """A weighted list of terms. Weights come from each request's ``RefineConfig``.
+
+    >>> objective = Objective(default_terms())
+    >>> total, parts = objective.evaluate(batch)   # total: (C,), parts: {name: (C,)}
+    """
+
+    def __init__(self, terms: Sequence[ObjectiveTerm]) -> None:
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective term names must be unique, got {names}")
+        self.terms = list(terms)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def weight(self, term: ObjectiveTerm, config: RefineConfig) -> float:
+        return config.weight(term.name, term.default_weight) if term.active(config) else 0.0
+
+    def active_terms(self, config: RefineConfig) -> list[ObjectiveTerm]:
+        return [t for t in self.terms if t.active(config)]
+
+    def needs_attention(self, configs: Sequence[RefineConfig]) -> bool:
+        return any(t.needs_attention and self.weight(t, c) > 0 for t in self.terms for c in configs)
+
+    def evaluate(
+        self, batch: CandidateBatch, differentiable_only: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the weighted total (C,) and each term's unweighted values {name: (C,)}.
+
+        Inactive terms (for every candidate) are skipped; ``differentiable_only`` keeps only the
+        terms that can steer a gradient.
+        """
+        total = torch.zeros(batch.mask.shape[0], device=batch.mask.device, dtype=batch.token_logprobs.dtype)
+        parts: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            if differentiable_only and not term.differentiable:
+                continue
+            weights = torch.tensor(
+                [self.weight(term, c) for c in batch.configs], device=total.device, dtype=total.dtype
+            )
+            if not any(term.active(c) for c in batch.configs):
+                continue
+            if term.needs_attention and not bool((weights > 0).any()):
+                continue
+            values = term.score(batch).to(total.dtype)
+            parts[term.name] = values
+            total = total + weights * values
+        return total, parts
+
+    def report(self, total: float, parts: dict[str, float], config: RefineConfig) -> dict[str, float]:
+        """The ``{"total", <term>: value}`` dict of one candidate, with only its active terms."""
+        out = {"total": float(total)}
+        for term in self.active_terms(config):
+            if term.name in parts and not (term.needs_attention and self.weight(term, config) == 0):
+                v = float(parts[term.name])
+                out[term.name] = v if math.isfinite(v) else float("-inf")
+        return out

@@ -1,0 +1,263 @@
+"""The refiner: one (or ``steps``) gradient-guided refinement step(s) over a batch of outputs.
+
+Per step, for the whole batch: one gradient pass over the current outputs (their prompts were run
+once and their KV cache is reused), each request's method proposes candidates, every candidate of
+every request is scored exactly in one batched pass (chunked), the method may combine the improving
+ones (scored in one more small pass), and a request keeps the best candidate only if it raises J.
+Candidates are checked to round-trip through the tokenizer (decode then encode gives the same ids),
+so the reported score is the score of the returned text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from refiners.config import RefineConfig
+from refiners.keywords import keyword_present
+from refiners.methods.base import Proposal, RefinementMethod, StepInput, Vocabulary
+from refiners.methods.coordinate import CoordinateMethod
+from refiners.methods.gradient import GradientMethod
+from refiners.methods.hybrid import HybridMethod
+from refiners.models import LoadedModel
+from refiners.objective import Objective, ObjectiveTerm, default_terms
+from refiners.result import RefineResult
+from refiners.scoring import CurrentOutputs, ModelRunner, PromptState
+
+# A candidate must beat the current output by more than float noise between two passes.
+MIN_GAIN = 1e-4
+
+
+@dataclass
+class RefineRequest:
+    """One output to refine.
+
+    Args:
+        prompt_ids: the prompt X, as the model saw it (chat template applied).
+        output_ids: the initial output Y; a final EOS stays at the end.
+        config: what to refine for (method, keywords, weights, ...).
+    """
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    config: RefineConfig = field(default_factory=RefineConfig)
+
+
+@dataclass
+class _Track:
+    """A request's state across steps."""
+
+    config: RefineConfig
+    body: list[int]
+    tail: list[int]
+    text: str
+    total: float = float("-inf")
+    report: dict[str, float] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    initial_ids: list[int] = field(default_factory=list)
+    edits: list[dict] = field(default_factory=list)
+    candidates: int = 0
+    steps: int = 0
+    done: bool = False
+
+
+class Refiner:
+    """Refines outputs of a causal LM under an objective. Model weights are never updated.
+
+    Args:
+        loaded: the model and tokenizer (``refiners.models.load_model`` or ``prepare_model``).
+        scoring_chunk_size: candidates per forward pass when scoring (bounds memory).
+        extra_terms: custom objective terms added to the built-in ones.
+
+    >>> refiner = Refiner(load_model())
+    >>> [result] = refiner.refine([RefineRequest(prompt_ids, output_ids, RefineConfig(keywords=("dog",)))])
+    >>> result.refined_text, result.objective_before["total"], result.objective_after["total"]
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, scoring_chunk_size: int = 64, extra_terms: Sequence[ObjectiveTerm] = ()
+    ) -> None:
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = loaded.eos_token_ids
+        self.objective = Objective([*default_terms(), *extra_terms])
+        self.runner = ModelRunner(loaded.model, loaded.tokenizer, self.objective, scoring_chunk_size)
+        self.vocab = Vocabulary(loaded.tokenizer, loaded.model.get_input_embeddings().weight.detach())
+        self.methods: dict[str, RefinementMethod] = {
+            m.name: m for m in (CoordinateMethod(), GradientMethod(), HybridMethod())
+        }
+
+    # -- text <-> ids -------------------------------------------------------------------------
+    def decode(self, body: list[int]) -> str:
+        return self.tokenizer.decode(body, skip_special_tokens=True)
+
+    def _round_trips(self, body: list[int]) -> bool:
+        """True when decoding then encoding gives back ``body`` and it holds no special token."""
+        if not body or any(t in self.vocab.special_ids for t in body):
+            return False
+        return self.tokenizer.encode(self.decode(body), add_special_tokens=False) == body
+
+    def _split(self, output_ids: list[int]) -> tuple[list[int], list[int], str]:
+        """(body, tail, text): a final EOS becomes the tail; the body is put in canonical tokens."""
+        tail = output_ids[-1:] if output_ids and output_ids[-1] in self.eos_ids else []
+        text = self.decode(output_ids[: len(output_ids) - len(tail)])
+        return self.tokenizer.encode(text, add_special_tokens=False), tail, text
+
+    # -- public API -----------------------------------------------------------------------------
+    def score(self, prompt_ids: list[int], outputs: list[list[int]], config: RefineConfig) -> list[dict[str, float]]:
+        """Exact objective ``{"total", <term>: value}`` of each output of one prompt, as given."""
+        if not outputs:
+            return []
+        state = self.runner.encode_prompts([prompt_ids])
+        texts = [self.decode(o) for o in outputs]
+        totals, parts = self.runner.score(state, [0] * len(outputs), outputs, texts, [config] * len(outputs))
+        return [self._report(totals, parts, i, config) for i in range(len(outputs))]
+
+    def refine(self, requests: Sequence[RefineRequest]) -> list[RefineResult]:
+        """Refine a batch of outputs; one result per request, in order. Synchronous torch work."""
+        if not requests:
+            return []
+        tracks = []
+        for r in requests:
+            body, tail, text = self._split(list(r.output_ids))
+            tracks.append(_Track(r.config, body, tail, text, initial_ids=body + tail))
+        gradient_seconds = scoring_seconds = 0.0
+        started = time.perf_counter()
+        state = self.runner.encode_prompts([r.prompt_ids for r in requests])
+        gradient_seconds += time.perf_counter() - started
+        for step in range(max(t.config.steps for t in tracks)):
+            active = [i for i, t in enumerate(tracks) if step < t.config.steps and not t.done]
+            if not active:
+                break
+            started = time.perf_counter()
+            inputs, current = self._gradient_step(state, [tracks[i] for i in active], active)
+            gradient_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            self._score_and_accept(state, current, tracks, active, inputs, step)
+            scoring_seconds += time.perf_counter() - started
+        # Time is spent for the batch as a whole; each request reports its share.
+        share = 1.0 / len(tracks)
+        return [
+            RefineResult(
+                method=t.config.method,
+                initial_ids=t.initial_ids,
+                refined_ids=t.body + t.tail,
+                initial_text=self.decode(t.initial_ids),
+                refined_text=t.text,
+                objective_before=t.before,
+                objective_after=t.report,
+                edits=t.edits,
+                candidates_scored=t.candidates,
+                gradient_seconds=gradient_seconds * share,
+                scoring_seconds=scoring_seconds * share,
+                steps=t.steps,
+            )
+            for t in tracks
+        ]
+
+    # -- one step -------------------------------------------------------------------------------
+    def _gradient_step(
+        self, state: PromptState, tracks: list[_Track], rows: list[int]
+    ) -> tuple[list[StepInput], CurrentOutputs]:
+        outputs = [t.body + t.tail for t in tracks]
+        configs = [t.config for t in tracks]
+        current, embeds, grad, parts, totals = self.runner.gradient_pass(
+            state, rows, outputs, [t.text for t in tracks], configs
+        )
+        inputs = []
+        for j, t in enumerate(tracks):
+            t.total = float(totals[j])
+            t.report = self._report(totals, parts, j, t.config)
+            if not t.before:
+                t.before = t.report
+            m = len(t.body)
+            inputs.append(
+                StepInput(
+                    body=t.body,
+                    tail=t.tail,
+                    text=t.text,
+                    config=t.config,
+                    weights={term.name: self.objective.weight(term, t.config) for term in self.objective.terms},
+                    total=t.total,
+                    parts=t.report,
+                    logprobs=current.logprobs[j, : m + 1],
+                    embeds=embeds[j, :m],
+                    grad=grad[j, :m],
+                    missing_keywords=[k for k in t.config.keywords if not keyword_present(k, t.text)],
+                    vocab=self.vocab,
+                )
+            )
+        return inputs, current
+
+    def _score_batch(
+        self,
+        state: PromptState,
+        current: CurrentOutputs,
+        tracks: list[_Track],
+        rows: list[int],
+        proposals: list[list[Proposal]],
+    ) -> list[list[tuple[Proposal, float, dict[str, float]]]]:
+        """Score every valid proposal of every request in one batched pass."""
+        flat = [
+            (j, p) for j, props in enumerate(proposals) for p in props if self._round_trips(p.body)
+        ]
+        scored: list[list[tuple[Proposal, float, dict[str, float]]]] = [[] for _ in proposals]
+        if not flat:
+            return scored
+        totals, parts = self.runner.score(
+            state,
+            [rows[j] for j, _ in flat],
+            [p.body + tracks[j].tail for j, p in flat],
+            [self.decode(p.body) for _, p in flat],
+            [tracks[j].config for j, _ in flat],
+            current,
+        )
+        for c, (j, p) in enumerate(flat):
+            if torch.isfinite(totals[c]):  # a candidate with NaN scores is dropped, not kept
+                scored[j].append((p, float(totals[c]), self._report(totals, parts, c, tracks[j].config)))
+            tracks[j].candidates += 1
+        return scored
+
+    def _score_and_accept(
+        self,
+        state: PromptState,
+        current: CurrentOutputs,
+        tracks: list[_Track],
+        active: list[int],
+        inputs: list[StepInput],
+        step: int,
+    ) -> None:
+        chosen = [tracks[i] for i in active]
+        methods = [self.methods[t.config.method] for t in chosen]
+        proposals = [m.propose(inp, t.config.candidates) for m, inp, t in zip(methods, inputs, chosen)]
+        scored = self._score_batch(state, current, chosen, active, proposals)
+        combos = [
+            m.combine(inp, [(p, total) for p, total, _ in s]) for m, inp, s in zip(methods, inputs, scored)
+        ]
+        if any(combos):
+            for j, extra in enumerate(self._score_batch(state, current, chosen, active, combos)):
+                scored[j] += extra
+        for t, s in zip(chosen, scored):
+            t.steps += 1
+            best = max(s, key=lambda x: x[1], default=None)
+            if best is None or best[1] <= t.total + MIN_GAIN:
+                t.done = True  # nothing better: a further step would see the same gradient
+                continue
+            proposal, total, report = best
+            for e in proposal.edits:
+                t.edits.append(
+                    {
+                        **e.to_dict(),
+                        "old_tokens": list(e.old_tokens),
+                        "new_tokens": list(e.new_tokens),
+                        "old_text": self.tokenizer.decode(list(e.old_tokens)),
+                        "new_text": self.tokenizer.decode(list(e.new_tokens)),
+                        "step": step,
+                    }
+                )
+            t.body, t.text, t.total, t.report = proposal.body, self.decode(proposal.body), total, report
+
+    def _report(self, totals: torch.Tensor, parts: dict[str, torch.Tensor], i: int, config: RefineConfig) -> dict:
+        return self.objective.report(float(totals[i]), {k: float(v[i]) for k, v in parts.items()}, config)

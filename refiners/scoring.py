@@ -1,0 +1,285 @@
+"""Forward passes over [prompt; output]: the prompt once, then outputs against its cached keys/values.
+
+``ModelRunner`` is the only module that calls the model during refinement:
+- ``encode_prompts`` runs the (left-padded) prompts once and keeps their KV cache and the
+  next-token distribution at the first output position;
+- ``gradient_pass`` runs the current outputs with gradients on their input embeddings;
+- ``score`` runs any number of candidate outputs in chunks, each reusing its prompt's cache instead of
+  recomputing the prompt, and returns exact objective values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from refiners.config import RefineConfig
+from refiners.errors import NumericalError
+from refiners.objective import CandidateBatch, Objective
+
+
+@dataclass
+class PromptState:
+    """Cached prompt computation for B prompts (left-padded to length P).
+
+    Attributes:
+        kv: per layer, (keys, values) of shape (B, heads, P, head_dim).
+        mask: (B, P) 1 for real prompt tokens.
+        lengths: (B,) real prompt lengths (the first output position of each row).
+        next_logprobs: (B, V) log p(. | X): the distribution of the first output token.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    next_logprobs: torch.Tensor
+
+
+@dataclass
+class OutputPass:
+    """What one forward over C outputs (padded to L) gives.
+
+    Attributes:
+        token_logprobs: (C, L) log p(y_i | X, y_<i), 0 at padding.
+        logprobs: (C, L + 1, V) log p(. | X, y_<i) for i = 0..L (only with ``full_distributions``).
+        attention: (C, L, P) attention of each output position to each prompt position (mean over
+            heads and layers), or None.
+        kv: per layer, the outputs' own (keys, values) (C, heads, L, head_dim) (with full distributions).
+    """
+
+    token_logprobs: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def prompt_attention(self) -> torch.Tensor | None:
+        """(C, P): for each prompt position, the attention summed over output positions."""
+        return None if self.attention is None else self.attention.sum(1)
+
+
+@dataclass
+class CurrentOutputs:
+    """The gradient pass over the current outputs, kept so candidates can reuse their shared prefix.
+
+    ``index`` maps a prompt row to its place in the tensors; ``ids`` are the current outputs.
+    """
+
+    index: dict[int, int]
+    ids: list[list[int]]
+    token_logprobs: torch.Tensor  # (B, L)
+    logprobs: torch.Tensor  # (B, L + 1, V)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, heads, L, head_dim)
+    attention: torch.Tensor | None  # (B, L, P)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (N, max_len), padded on the right."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class ModelRunner:
+    """Runs the model for refinement. Parameters never receive gradients."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, objective: Objective, chunk_size: int = 64
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"scoring chunk_size must be >= 1, got {chunk_size}")
+        self.model, self.tokenizer, self.objective, self.chunk_size = model, tokenizer, objective, chunk_size
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @contextmanager
+    def _attention_maps(self, wanted: bool) -> Iterator[None]:
+        """Switch to eager attention while attention maps are needed (SDPA does not return them)."""
+        current = self.model.config._attn_implementation
+        if not wanted or current == "eager":
+            yield
+            return
+        self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(current)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[Sequence[int]]) -> PromptState:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column P - 1
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=self.device)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return PromptState(kv, mask, mask.sum(-1), next_logprobs)
+
+    def _forward(
+        self,
+        state: PromptState,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        attention: bool = False,
+        full_distributions: bool = False,
+        prefix: CurrentOutputs | None = None,
+        start: int = 0,
+    ) -> OutputPass:
+        """Forward C outputs (ids: (C, L)) after their prompts (``rows``: (C,) indices into ``state``).
+
+        With ``prefix`` and ``start`` > 0, the first ``start`` tokens of every output equal those of
+        its row's current output: their keys/values, log-probabilities and attention are taken from
+        ``prefix`` and only positions ``start``.. are computed.
+        """
+        kv = [(k[rows], v[rows]) for k, v in state.kv]
+        prompt_mask = state.mask[rows]
+        if start:
+            assert prefix is not None
+            pre = torch.tensor([prefix.index[int(r)] for r in rows], device=self.device)
+            kv = [(torch.cat([k, pk[pre, :, :start]], 2), torch.cat([v, pv[pre, :, :start]], 2))
+                  for (k, v), (pk, pv) in zip(kv, prefix.kv)]
+        cache = DynamicCache.from_legacy_cache(tuple(kv))
+        positions = state.lengths[rows, None] + torch.arange(start, ids.shape[1], device=self.device)
+        out = self.model(
+            input_ids=None if inputs_embeds is not None else ids[:, start:],
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.cat([prompt_mask, mask], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            output_attentions=attention,
+        )
+        # The distribution of y_start comes from the pass before (the prompt's, or the prefix's);
+        # logits at i predict y_{i+1}.
+        first = state.next_logprobs[rows] if not start else prefix.logprobs[pre, start]
+        logprobs = torch.cat([first[:, None], torch.log_softmax(out.logits.float(), -1)], 1)
+        token_logprobs = logprobs[:, :-1].gather(-1, ids[:, start:, None]).squeeze(-1)
+        if start:
+            token_logprobs = torch.cat([prefix.token_logprobs[pre, :start], token_logprobs], 1)
+        token_logprobs = token_logprobs * mask
+        per_position = None
+        if attention:
+            # (layers, C, heads, L', keys) -> mean over layers and heads, prompt keys only: (C, L', P).
+            width = prompt_mask.shape[1]
+            per_position = torch.stack([a[..., :width].float() for a in out.attentions]).mean((0, 2))
+            if start:
+                per_position = torch.cat([prefix.attention[pre, :start], per_position], 1)
+            per_position = per_position * mask[..., None]
+        kv_out = [(layer.keys[:, :, prompt_mask.shape[1]:], layer.values[:, :, prompt_mask.shape[1]:])
+                  for layer in out.past_key_values.layers] if full_distributions else None
+        return OutputPass(token_logprobs, logprobs if full_distributions else None, per_position, kv_out)
+
+    def _batch(
+        self, state: PromptState, rows: torch.Tensor, mask: torch.Tensor, outputs: OutputPass,
+        texts: list[str], configs: list[RefineConfig],
+    ) -> CandidateBatch:
+        return CandidateBatch(
+            token_logprobs=outputs.token_logprobs,
+            mask=mask.to(outputs.token_logprobs.dtype),
+            texts=texts,
+            configs=configs,
+            prompt_attention=outputs.prompt_attention,
+            prompt_mask=state.mask[rows].float() if outputs.prompt_attention is not None else None,
+        )
+
+    def gradient_pass(
+        self,
+        state: PromptState,
+        rows: list[int],
+        outputs: list[list[int]],
+        texts: list[str],
+        configs: list[RefineConfig],
+    ) -> tuple[CurrentOutputs, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One forward + backward over the current outputs, gradients on their input embeddings.
+
+        Returns (the pass, kept for prefix reuse; embeddings (C, L, d); dJ/d embeddings (C, L, d) of
+        the differentiable terms, 0 at padding; exact term values {name: (C,)}; exact totals (C,)).
+        """
+        row_t = torch.tensor(rows, device=self.device)
+        ids, mask = pad_right(outputs, self.pad_id, self.device)
+        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        attention = self.objective.needs_attention(configs)
+        with torch.enable_grad(), self._attention_maps(attention):
+            result = self._forward(state, row_t, ids, mask, embeds, attention, full_distributions=True)
+            batch = self._batch(state, row_t, mask, result, texts, configs)
+            smooth, _ = self.objective.evaluate(batch, differentiable_only=True)
+            (grad,) = torch.autograd.grad(smooth.sum(), embeds)
+        with torch.no_grad():
+            assert result.logprobs is not None and result.kv is not None
+            current = CurrentOutputs(
+                index={r: i for i, r in enumerate(rows)},
+                ids=[list(o) for o in outputs],
+                token_logprobs=result.token_logprobs.detach(),
+                logprobs=result.logprobs.detach(),
+                kv=[(k.detach(), v.detach()) for k, v in result.kv],
+                attention=result.attention.detach() if result.attention is not None else None,
+            )
+            detached = OutputPass(current.token_logprobs, attention=current.attention)
+            total, parts = self.objective.evaluate(self._batch(state, row_t, mask, detached, texts, configs))
+        if not torch.isfinite(grad).all() or not torch.isfinite(total).all():
+            raise NumericalError("the gradient pass produced NaN or inf")
+        return current, embeds.detach(), grad * mask[..., None], parts, total
+
+    @torch.no_grad()
+    def score(
+        self,
+        state: PromptState,
+        rows: list[int],
+        outputs: list[list[int]],
+        texts: list[str],
+        configs: list[RefineConfig],
+        current: CurrentOutputs | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Exact objective of C candidate outputs, in chunks of ``chunk_size`` candidates.
+
+        Returns totals (C,) and each term's values {name: (C,)} (NaN where a term is inactive).
+        Each candidate reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
+        shares with its row's current output: candidates are sorted by where they first differ, so a
+        chunk only computes from its earliest difference on.
+        """
+        attention = self.objective.needs_attention(configs)
+        starts = [self._shared_prefix(current, r, o) for r, o in zip(rows, outputs)]
+        order = sorted(range(len(outputs)), key=lambda c: starts[c])
+        totals = torch.full((len(outputs),), float("nan"), device=self.device)
+        parts: dict[str, torch.Tensor] = {n: torch.full_like(totals, float("nan")) for n in self.objective.names}
+        with self._attention_maps(attention):
+            for first in range(0, len(order), self.chunk_size):
+                chunk = order[first : first + self.chunk_size]
+                row_t = torch.tensor([rows[c] for c in chunk], device=self.device)
+                ids, mask = pad_right([outputs[c] for c in chunk], self.pad_id, self.device)
+                start = min(starts[c] for c in chunk)
+                result = self._forward(state, row_t, ids, mask, attention=attention, prefix=current, start=start)
+                total, chunk_parts = self.objective.evaluate(
+                    self._batch(state, row_t, mask, result, [texts[c] for c in chunk], [configs[c] for c in chunk])
+                )
+                index = torch.tensor(chunk, device=self.device)
+                totals[index] = total.float()
+                for name, value in chunk_parts.items():
+                    parts[name][index] = value.float()
+        return totals, parts
+
+    @staticmethod
+    def _shared_prefix(current: CurrentOutputs | None, row: int, output: list[int]) -> int:
+        """How many leading tokens ``output`` shares with its row's current output (at least one
+        token is always recomputed)."""
+        if current is None or row not in current.index:
+            return 0
+        ref = current.ids[current.index[row]]
+        n = 0
+        while n < min(len(ref), len(output)) and ref[n] == output[n]:
+            n += 1
+        return min(n, len(output) - 1)
