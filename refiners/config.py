@@ -51,7 +51,9 @@ class RefineConfig:
     def __post_init__(self) -> None:
         self.keywords = tuple(k.strip() for k in self.keywords if k and k.strip())
         if self.method not in METHODS:
-            raise InvalidRequestError(f"unknown refine method {self.method!r}: use one of {', '.join(METHODS)}")
+            raise InvalidRequestError(
+                f"unknown refine method {self.method!r}: use one of {', '.join(METHODS)}"
+            )
         if not 1 <= self.steps <= MAX_STEPS:
             raise InvalidRequestError(f"refine steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if not 1 <= self.candidates <= MAX_CANDIDATES:

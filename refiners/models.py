@@ -148,7 +148,10 @@ def load_model(
 
 
 def prepare_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, device: torch.device | str = "cpu"
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_id: str,
+    device: torch.device | str = "cpu",
 ) -> LoadedModel:
     """Freeze ``model`` (no gradient on parameters, eval mode) and move it to ``device``."""
     model = model.to(device).eval()

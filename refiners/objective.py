@@ -97,9 +97,7 @@ class LengthTerm(ObjectiveTerm):
         return config.target_length is not None
 
     def score(self, batch: CandidateBatch) -> torch.Tensor:
-        target = torch.tensor(
-            [float(c.target_length or 1) for c in batch.configs], device=batch.mask.device
-        )
+        target = torch.tensor([float(c.target_length or 1) for c in batch.configs], device=batch.mask.device)
         return -(batch.lengths - target).abs() / target
 
 

@@ -106,7 +106,9 @@ class Refiner:
         return self.tokenizer.encode(text, add_special_tokens=False), tail, text
 
     # -- public API -----------------------------------------------------------------------------
-    def score(self, prompt_ids: list[int], outputs: list[list[int]], config: RefineConfig) -> list[dict[str, float]]:
+    def score(
+        self, prompt_ids: list[int], outputs: list[list[int]], config: RefineConfig
+    ) -> list[dict[str, float]]:
         """Exact objective ``{"total", <term>: value}`` of each output of one prompt, as given."""
         if not outputs:
             return []
@@ -179,7 +181,9 @@ class Refiner:
                     tail=t.tail,
                     text=t.text,
                     config=t.config,
-                    weights={term.name: self.objective.weight(term, t.config) for term in self.objective.terms},
+                    weights={
+                        term.name: self.objective.weight(term, t.config) for term in self.objective.terms
+                    },
                     total=t.total,
                     parts=t.report,
                     logprobs=current.logprobs[j, : m + 1],
@@ -200,9 +204,7 @@ class Refiner:
         proposals: list[list[Proposal]],
     ) -> list[list[tuple[Proposal, float, dict[str, float]]]]:
         """Score every valid proposal of every request in one batched pass."""
-        flat = [
-            (j, p) for j, props in enumerate(proposals) for p in props if self._round_trips(p.body)
-        ]
+        flat = [(j, p) for j, props in enumerate(proposals) for p in props if self._round_trips(p.body)]
         scored: list[list[tuple[Proposal, float, dict[str, float]]]] = [[] for _ in proposals]
         if not flat:
             return scored
@@ -259,5 +261,7 @@ class Refiner:
                 )
             t.body, t.text, t.total, t.report = proposal.body, self.decode(proposal.body), total, report
 
-    def _report(self, totals: torch.Tensor, parts: dict[str, torch.Tensor], i: int, config: RefineConfig) -> dict:
+    def _report(
+        self, totals: torch.Tensor, parts: dict[str, torch.Tensor], i: int, config: RefineConfig
+    ) -> dict:
         return self.objective.report(float(totals[i]), {k: float(v[i]) for k, v in parts.items()}, config)

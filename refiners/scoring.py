@@ -77,7 +77,9 @@ class CurrentOutputs:
     attention: torch.Tensor | None  # (B, L, P)
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of shape (N, max_len), padded on the right."""
     width = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
@@ -92,7 +94,11 @@ class ModelRunner:
     """Runs the model for refinement. Parameters never receive gradients."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, objective: Objective, chunk_size: int = 64
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: Objective,
+        chunk_size: int = 64,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"scoring chunk_size must be >= 1, got {chunk_size}")
@@ -150,8 +156,10 @@ class ModelRunner:
         if start:
             assert prefix is not None
             pre = torch.tensor([prefix.index[int(r)] for r in rows], device=self.device)
-            kv = [(torch.cat([k, pk[pre, :, :start]], 2), torch.cat([v, pv[pre, :, :start]], 2))
-                  for (k, v), (pk, pv) in zip(kv, prefix.kv)]
+            kv = [
+                (torch.cat([k, pk[pre, :, :start]], 2), torch.cat([v, pv[pre, :, :start]], 2))
+                for (k, v), (pk, pv) in zip(kv, prefix.kv)
+            ]
         cache = DynamicCache.from_legacy_cache(tuple(kv))
         positions = state.lengths[rows, None] + torch.arange(start, ids.shape[1], device=self.device)
         out = self.model(
@@ -179,13 +187,24 @@ class ModelRunner:
             if start:
                 per_position = torch.cat([prefix.attention[pre, :start], per_position], 1)
             per_position = per_position * mask[..., None]
-        kv_out = [(layer.keys[:, :, prompt_mask.shape[1]:], layer.values[:, :, prompt_mask.shape[1]:])
-                  for layer in out.past_key_values.layers] if full_distributions else None
+        kv_out = (
+            [
+                (layer.keys[:, :, prompt_mask.shape[1] :], layer.values[:, :, prompt_mask.shape[1] :])
+                for layer in out.past_key_values.layers
+            ]
+            if full_distributions
+            else None
+        )
         return OutputPass(token_logprobs, logprobs if full_distributions else None, per_position, kv_out)
 
     def _batch(
-        self, state: PromptState, rows: torch.Tensor, mask: torch.Tensor, outputs: OutputPass,
-        texts: list[str], configs: list[RefineConfig],
+        self,
+        state: PromptState,
+        rows: torch.Tensor,
+        mask: torch.Tensor,
+        outputs: OutputPass,
+        texts: list[str],
+        configs: list[RefineConfig],
     ) -> CandidateBatch:
         return CandidateBatch(
             token_logprobs=outputs.token_logprobs,
@@ -255,16 +274,22 @@ class ModelRunner:
         starts = [self._shared_prefix(current, r, o) for r, o in zip(rows, outputs)]
         order = sorted(range(len(outputs)), key=lambda c: starts[c])
         totals = torch.full((len(outputs),), float("nan"), device=self.device)
-        parts: dict[str, torch.Tensor] = {n: torch.full_like(totals, float("nan")) for n in self.objective.names}
+        parts: dict[str, torch.Tensor] = {
+            n: torch.full_like(totals, float("nan")) for n in self.objective.names
+        }
         with self._attention_maps(attention):
             for first in range(0, len(order), self.chunk_size):
                 chunk = order[first : first + self.chunk_size]
                 row_t = torch.tensor([rows[c] for c in chunk], device=self.device)
                 ids, mask = pad_right([outputs[c] for c in chunk], self.pad_id, self.device)
                 start = min(starts[c] for c in chunk)
-                result = self._forward(state, row_t, ids, mask, attention=attention, prefix=current, start=start)
+                result = self._forward(
+                    state, row_t, ids, mask, attention=attention, prefix=current, start=start
+                )
                 total, chunk_parts = self.objective.evaluate(
-                    self._batch(state, row_t, mask, result, [texts[c] for c in chunk], [configs[c] for c in chunk])
+                    self._batch(
+                        state, row_t, mask, result, [texts[c] for c in chunk], [configs[c] for c in chunk]
+                    )
                 )
                 index = torch.tensor(chunk, device=self.device)
                 totals[index] = total.float()

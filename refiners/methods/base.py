@@ -40,7 +40,8 @@ class Vocabulary:
         pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
         # A token starts a word when it carries the tokenizer's space marker or is not alphanumeric.
         self.starts_word = [
-            bool(p) and (p[0] in "Ġ▁ " or not p[0].isalnum()) for p in (pieces + [""] * (vocab_size - len(pieces)))
+            bool(p) and (p[0] in "Ġ▁ " or not p[0].isalnum())
+            for p in (pieces + [""] * (vocab_size - len(pieces)))
         ]
         self._forms: dict[str, list[tuple[int, ...]]] = {}
 
@@ -98,7 +99,9 @@ class StepInput:
         ids = self.body + self.tail
         return float(self.logprobs[torch.arange(len(ids)), torch.tensor(ids)].sum()) if ids else 0.0
 
-    def estimated_gain(self, delta_logprob: torch.Tensor, delta_length: int, delta_keywords: int = 0) -> torch.Tensor:
+    def estimated_gain(
+        self, delta_logprob: torch.Tensor, delta_length: int, delta_keywords: int = 0
+    ) -> torch.Tensor:
         """First-order estimate of the change in J for edits that change S by ``delta_logprob``.
 
         Exact for the length and keyword terms; the log-probability term uses the estimated

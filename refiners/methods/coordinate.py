@@ -104,7 +104,9 @@ class CoordinateMethod(RefinementMethod):
                         later = inp.grad @ vocab.embedding[first] - (inp.grad * inp.embeds).sum(-1)
                     delta = lp[i, first] - lp[i, inp.body[i]]
                     gain = float(inp.estimated_gain(delta, n_new - 1, 1) + later[i])
-                    out.append(make_proposal(inp, [Edit("replace", i, (inp.body[i],), spelling)], gain, keyword))
+                    out.append(
+                        make_proposal(inp, [Edit("replace", i, (inp.body[i],), spelling)], gain, keyword)
+                    )
         return sorted(out, key=lambda p: -p.estimate)
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:

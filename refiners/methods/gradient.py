@@ -63,7 +63,11 @@ class GradientMethod(RefinementMethod):
         for k in range(budget):
             eta = inp.config.step_size * 2.0 ** (k - 2)  # eta/4, eta/2, eta, 2 eta, ...
             tokens = project(inp, inp.embeds + eta * radius * direction / scale)
-            edits = [Edit("replace", i, (old,), (new,)) for i, (old, new) in enumerate(zip(inp.body, tokens)) if old != new]
+            edits = [
+                Edit("replace", i, (old,), (new,))
+                for i, (old, new) in enumerate(zip(inp.body, tokens))
+                if old != new
+            ]
             if edits:
                 out.append(make_proposal(inp, edits, -float(k)))
             if len(edits) == m:  # every position moved: larger steps only move further away

@@ -22,7 +22,9 @@ class HybridMethod(RefinementMethod):
     def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
         projected = self.gradient.propose(inp, max(1, budget // 8))
         singles = [make_proposal(inp, [e], p.estimate) for p in projected for e in p.edits]
-        return dedupe(projected + singles[: budget // 4] + self.coordinate.propose(inp, budget), inp.body, budget)
+        return dedupe(
+            projected + singles[: budget // 4] + self.coordinate.propose(inp, budget), inp.body, budget
+        )
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
         return self.coordinate.combine(inp, scored)
