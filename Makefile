@@ -53,3 +53,7 @@ bench-speed: $(VENV)/.bench-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Builds the CPU image with podman from a locally made Debian base and runs it (root; minutes the first time).
+image-test: install
+	bash docker/image-test.sh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from refiners.errors import InvalidRequestError
@@ -62,15 +63,15 @@ class RefineConfig:
             )
         if len(self.keywords) > MAX_KEYWORDS:
             raise InvalidRequestError(f"at most {MAX_KEYWORDS} keywords, got {len(self.keywords)}")
-        if self.length_penalty < 0:
+        if not math.isfinite(self.length_penalty) or self.length_penalty < 0:
             raise InvalidRequestError(f"length_penalty must be >= 0, got {self.length_penalty}")
         if self.target_length is not None and self.target_length < 1:
             raise InvalidRequestError(f"target_length must be >= 1 token, got {self.target_length}")
-        if self.step_size <= 0:
+        if not math.isfinite(self.step_size) or self.step_size <= 0:
             raise InvalidRequestError(f"step_size must be > 0, got {self.step_size}")
         for name, w in self.weights.items():
-            if w < 0:
-                raise InvalidRequestError(f"weight of term {name!r} must be >= 0, got {w}")
+            if not math.isfinite(w) or w < 0:
+                raise InvalidRequestError(f"weight of term {name!r} must be a finite number >= 0, got {w}")
 
     def weight(self, term: str, default: float) -> float:
         return self.weights.get(term, DEFAULT_WEIGHTS.get(term, default))

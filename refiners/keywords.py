@@ -32,7 +32,13 @@ def inflections(word: str) -> list[str]:
     else:
         plural = w + "s"
     if w.endswith("e"):
-        past, gerund = w + "d", (w[:-2] + "ying" if w.endswith("ie") else w[:-1] + "ing")
+        past = w + "d"
+        if w.endswith("ie"):
+            gerund = w[:-2] + "ying"
+        elif w.endswith(("ee", "ye", "oe")):
+            gerund = w + "ing"  # seeing, dyeing, hoeing
+        else:
+            gerund = w[:-1] + "ing"
     elif w.endswith("y") and len(w) > 1 and w[-2] not in _VOWELS:
         past, gerund = w[:-1] + "ied", w + "ing"
     elif _ends_cvc(w) and len(w) <= 4:
@@ -49,7 +55,7 @@ def keyword_forms(keyword: str) -> set[str]:
         return set()
     head, last = words[:-1], words[-1]
     lasts = set(inflections(last)) | {last + "s", last + "es", last + "ed", last + "d", last + "ing"}
-    if last.endswith("e"):
+    if last.endswith("e") and not last.endswith(("ee", "ye", "oe")):
         lasts |= {last[:-1] + "ing", last[:-1] + "ed"}
     if _ends_cvc(last):
         lasts |= {last + last[-1] + "ed", last + last[-1] + "ing"}

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,12 @@ def _converted_embedded(cache_dir: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a concurrent loader sees either nothing or the whole copy
+    try:
+        tmp.rename(target)  # atomic: a concurrent loader sees either nothing or the whole copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 

@@ -109,12 +109,22 @@ class Refiner:
     def score(
         self, prompt_ids: list[int], outputs: list[list[int]], config: RefineConfig
     ) -> list[dict[str, float]]:
-        """Exact objective ``{"total", <term>: value}`` of each output of one prompt, as given."""
+        """Exact objective ``{"total", <term>: value}`` of each output of one prompt.
+
+        Each output is scored as its text re-tokenised (the way ``refine`` scores), so the score of an
+        output equals the ``objective_before`` a refinement of it reports.
+        """
         if not outputs:
             return []
+        split = [self._split(list(o)) for o in outputs]
         state = self.runner.encode_prompts([prompt_ids])
-        texts = [self.decode(o) for o in outputs]
-        totals, parts = self.runner.score(state, [0] * len(outputs), outputs, texts, [config] * len(outputs))
+        totals, parts = self.runner.score(
+            state,
+            [0] * len(outputs),
+            [b + t for b, t, _ in split],
+            [x for _, _, x in split],
+            [config] * len(outputs),
+        )
         return [self._report(totals, parts, i, config) for i in range(len(outputs))]
 
     def refine(self, requests: Sequence[RefineRequest]) -> list[RefineResult]:

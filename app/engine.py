@@ -1,0 +1,530 @@
+"""The engine: owns the model, a bounded job queue, and the one worker thread that does all torch work.
+
+The event loop only enqueues jobs and awaits futures; it never runs the model. The worker takes the
+first waiting job, waits up to ``batch_window_s`` for more (up to ``max_batch_size``), then for the
+whole batch makes one ``BatchGenerator.generate`` call (each job keeps its own sampling parameters
+and seed) and one ``Refiner.refine`` call for the jobs that ask for refinement. Each job's answer goes
+back to its own asyncio future through ``loop.call_soon_threadsafe``.
+
+If anything fails inside a batch (NaN, out of memory, a bug), each job of the batch is run again
+alone, so a bad request fails by itself and its neighbours still get their answers; the worker
+keeps running.
+
+Example (inside a coroutine):
+    >>> engine = Engine(loaded, Refiner(loaded)); engine.start()
+    >>> result = await engine.submit(Job(prompt_ids, SamplingParams(max_new_tokens=32), RefineConfig()))
+    >>> result.text, result.refinement.objective_after["total"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from app import metrics
+from refiners.config import RefineConfig
+from refiners.errors import InvalidRequestError
+from refiners.generation import (
+    FINISH_CANCELLED,
+    BatchGenerator,
+    GenerationOutput,
+    IncrementalDetokenizer,
+    SamplingParams,
+)
+from refiners.models import LoadedModel
+from refiners.refiner import RefineRequest
+from refiners.result import RefineResult
+
+if TYPE_CHECKING:
+    from refiners.refiner import Refiner
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The queue already holds ``max_queue`` jobs: the caller should retry later (429 + Retry-After)."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """The job did not finish within its ``timeout_s`` (queue time included); it was dropped."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is not running (not started yet, or shutting down): retry on another replica."""
+
+
+@dataclass
+class Job:
+    """One request for the engine.
+
+    Args:
+        prompt_ids: the prompt, tokenised (chat template applied).
+        params: how to generate the initial output.
+        refine: how to refine it; None = plain generation.
+        output_ids: an output to refine instead of generating one (``POST /refine``); needs ``refine``.
+        best_of: > 1: sample that many outputs (seeds seed, seed + 1, ...) and return the one with the
+            highest objective (``refine``'s, or the default ``RefineConfig()``), without refining it.
+        timeout_s: time limit from submission, queue time included; None = the engine's default.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    refine: RefineConfig | None
+    output_ids: list[int] | None = None
+    best_of: int = 1
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        if self.best_of < 1:
+            raise InvalidRequestError(f"best_of must be >= 1, got {self.best_of}")
+        if self.best_of > 1 and not self.params.do_sample:
+            raise InvalidRequestError(
+                "best_of > 1 needs sampling (do_sample): greedy candidates are all the same"
+            )
+        if self.output_ids is not None:
+            if self.refine is None:
+                raise InvalidRequestError("an output to refine was given without a refine config")
+            if not self.output_ids:
+                raise InvalidRequestError("the output to refine is empty: give at least one token")
+            if self.best_of > 1:
+                raise InvalidRequestError("best_of applies to generation, not to refining a given output")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise InvalidRequestError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token of the initial output; ``text`` is what it adds to the decoded text."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass
+class JobResult:
+    """The answer to one job.
+
+    ``text`` is the refined text when the job was refined, else the generation's text. Durations are
+    wall times of the batch calls the job was part of. For ``best_of`` > 1, ``generation`` is the best
+    candidate and ``best_of_sequences`` the others, with ``best_of_objectives`` holding the objective of
+    every candidate (best first).
+    """
+
+    generation: GenerationOutput | None
+    refinement: RefineResult | None
+    text: str
+    generate_seconds: float
+    refine_seconds: float
+    queue_seconds: float
+    batch_size: int
+    best_of_sequences: list[GenerationOutput] = field(default_factory=list)
+    best_of_objectives: list[dict[str, float]] = field(default_factory=list)
+
+
+_END = object()  # ends a job's event stream; the result or error is then in its future
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A submitted job and the means to answer it. Touched by the loop thread and the worker."""
+
+    job: Job
+    params: SamplingParams  # job.params with the seed fixed, so a retry samples the same tokens
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    submitted: float  # time.monotonic()
+    deadline: float
+    events: asyncio.Queue | None = None  # set for streamed jobs
+    cancelled: bool = False  # the caller left; written by the loop thread, read by the worker
+    streamed: int = 0  # tokens already sent; a retry after a batch failure does not send them again
+
+
+class Engine:
+    """Batches jobs onto one worker thread that owns all model work.
+
+    Args:
+        loaded: the model and tokenizer.
+        refiner: the ``Refiner`` (refinement and best_of scoring); None serves plain generation only.
+        max_batch_size: most jobs per batch.
+        batch_window_s: how long the worker waits for more jobs after the first one.
+        max_queue: most jobs waiting; ``submit`` beyond that raises ``QueueFullError``.
+        request_timeout_s: default time limit of a job, queue time included.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        refiner: Refiner | None,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.01,
+        max_queue: int = 64,
+        request_timeout_s: float = 120.0,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or batch_window_s < 0 or request_timeout_s <= 0:
+            raise ValueError(
+                "max_batch_size and max_queue must be >= 1, batch_window_s >= 0, request_timeout_s > 0"
+            )
+        self.loaded = loaded
+        self.refiner = refiner
+        self.generator = BatchGenerator(loaded)
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        metrics.MODEL_INFO.labels(
+            model_id=loaded.model_id,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+        ).set(1)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="refiner-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the running batch finish, stop the worker, and fail the jobs still queued. Blocking."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            left, self._queue = list(self._queue), collections.deque()
+            metrics.QUEUE_SIZE.set(0)
+        for p in left:
+            self._settle(p, error=EngineStoppedError("the server is shutting down: retry the request"))
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    # -- event-loop side ------------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> JobResult:
+        """Queue ``job`` and wait for its result.
+
+        Raises:
+            QueueFullError: the queue is full (raised at once; nothing was queued).
+            RequestTimeoutError: the job took longer than its timeout (it is dropped).
+            EngineStoppedError: the engine is not running.
+            InvalidRequestError: the job asks for something this engine cannot do.
+            Any error the job itself raised (``NumericalError``, ``torch.OutOfMemoryError``, ...).
+        If the awaiting task is cancelled (the client left), the job is dropped: removed from the queue,
+        or its generation row stopped.
+        """
+        p = self._enqueue(job, stream=False)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(p.future), timeout=max(0.0, p.deadline - time.monotonic())
+            )
+        except TimeoutError:
+            if p.future.done() and not p.future.cancelled():
+                return p.future.result()  # finished in the same instant
+            self._cancel(p)
+            metrics.REJECTED_REQUESTS.labels(reason="timeout").inc()
+            raise RequestTimeoutError(self._timeout_message(p)) from None
+        except asyncio.CancelledError:
+            self._cancel(p)
+            raise
+
+    def stream(self, job: Job) -> AsyncIterator[TokenEvent | JobResult]:
+        """Queue ``job`` now and return an async iterator of its ``TokenEvent``s, then its ``JobResult``.
+
+        The job is queued when this is called, so ``QueueFullError`` (and ``InvalidRequestError``) are
+        raised here, before any response starts. Errors of the job itself, and ``RequestTimeoutError``,
+        are raised by the iterator. Closing the iterator early (``aclose``, or the consuming task being
+        cancelled) drops the job. ``best_of`` > 1 cannot be streamed.
+        """
+        if job.best_of > 1:
+            raise InvalidRequestError("best_of > 1 cannot be streamed: set stream to false or best_of to 1")
+        return self._events(self._enqueue(job, stream=True))
+
+    async def _events(self, p: _Pending) -> AsyncIterator[TokenEvent | JobResult]:
+        assert p.events is not None
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(
+                        p.events.get(), timeout=max(0.0, p.deadline - time.monotonic())
+                    )
+                except TimeoutError:
+                    metrics.REJECTED_REQUESTS.labels(reason="timeout").inc()
+                    raise RequestTimeoutError(self._timeout_message(p)) from None
+                if item is _END:
+                    yield p.future.result()  # raises the job's error if it failed
+                    return
+                yield item
+        finally:
+            if not p.future.done():
+                self._cancel(p)
+
+    def _enqueue(self, job: Job, stream: bool) -> _Pending:
+        if self._thread is None or self._stopping:
+            raise EngineStoppedError("the engine is not running: retry shortly")
+        if self.refiner is None and (job.refine is not None or job.best_of > 1):
+            raise InvalidRequestError("this engine has no refiner: refinement and best_of are unavailable")
+        params = job.params
+        if params.do_sample and params.seed is None:
+            params = replace(params, seed=secrets.randbits(62))
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        timeout = job.timeout_s if job.timeout_s is not None else self.request_timeout_s
+        p = _Pending(job, params, loop, loop.create_future(), now, now + timeout)
+        if stream:
+            p.events = asyncio.Queue()
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                metrics.REJECTED_REQUESTS.labels(reason="queue_full").inc()
+                raise QueueFullError(f"the server is busy ({self.max_queue} requests waiting): retry later")
+            self._queue.append(p)
+            metrics.QUEUE_SIZE.set(len(self._queue))
+            self._cond.notify()
+        return p
+
+    def _cancel(self, p: _Pending) -> None:
+        """Drop a job whose caller left or timed out: out of the queue, or its row stops at the next token."""
+        p.cancelled = True
+        with self._cond:
+            if p in self._queue:
+                self._queue.remove(p)
+                metrics.QUEUE_SIZE.set(len(self._queue))
+        if not p.future.done():
+            p.future.cancel()
+
+    @staticmethod
+    def _timeout_message(p: _Pending) -> str:
+        return (
+            f"the request did not finish within {p.deadline - p.submitted:g} s: retry with a smaller request"
+        )
+
+    # -- answers (called in the worker, run in the job's loop) ----------------------------------------
+
+    def _settle(
+        self, p: _Pending, result: JobResult | None = None, error: BaseException | None = None
+    ) -> None:
+        def settle() -> None:
+            if not p.future.done():
+                if error is not None:
+                    p.future.set_exception(error)
+                else:
+                    p.future.set_result(result)
+            if p.events is not None:
+                p.events.put_nowait(_END)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+            p.loop.call_soon_threadsafe(settle)
+
+    def _emit(self, p: _Pending, event: TokenEvent) -> None:
+        assert p.events is not None
+        with contextlib.suppress(RuntimeError):
+            p.loop.call_soon_threadsafe(p.events.put_nowait, event)
+
+    # -- worker ---------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            metrics.BATCH_SIZE.observe(len(batch))
+            try:
+                self._run(batch)
+            except Exception as exc:  # a bug outside the per-job handling: answer everyone, keep running
+                log.exception("the engine worker failed on a batch")
+                for p in batch:
+                    self._settle(p, error=exc)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for a job, then up to ``batch_window_s`` for more; None when stopping."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            batch = [self._queue.popleft()]
+            window_end = time.monotonic() + self.batch_window_s
+            while len(batch) < self.max_batch_size and not self._stopping:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            metrics.QUEUE_SIZE.set(len(self._queue))
+        return [p for p in batch if not p.cancelled]
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """Answer every job of the batch; on failure, retry each job alone so only the bad one fails."""
+        try:
+            results = self._process(batch)
+        except Exception as exc:
+            self._free_memory()
+            if len(batch) == 1:
+                log.warning("a job failed: %s: %s", type(exc).__name__, exc)
+                self._settle(batch[0], error=exc)
+                return
+            log.warning(
+                "a batch of %d failed (%s: %s); retrying each job alone", len(batch), type(exc).__name__, exc
+            )
+            for p in batch:
+                if not p.cancelled:
+                    self._run([p])
+            return
+        for p, result in results:
+            self._settle(p, result=result)
+            self._record(result)
+
+    def _process(self, batch: list[_Pending]) -> list[tuple[_Pending, JobResult]]:
+        """Generate, pick best_of candidates and refine, for the whole batch. Answers nobody: a failure
+        anywhere raises before any job is answered."""
+        started = time.monotonic()
+        outputs, generate_seconds = self._generate(batch)
+        # Jobs still wanted: not cancelled, and not stopped at their deadline during generation (their
+        # callers raise RequestTimeoutError by themselves).
+        live = [
+            i
+            for i, p in enumerate(batch)
+            if not p.cancelled and (p.job.output_ids is not None or len(outputs[i]) == p.job.best_of)
+        ]
+        best: dict[int, tuple[list[GenerationOutput], list[dict[str, float]]]] = {}
+        for i in live:
+            if batch[i].job.best_of > 1:
+                best[i] = self._rank(batch[i], outputs[i])
+
+        refine_started = time.monotonic()
+        to_refine = [i for i in live if batch[i].job.refine is not None and batch[i].job.best_of == 1]
+        refinements: dict[int, RefineResult] = {}
+        if to_refine:
+            assert self.refiner is not None
+            requests = [self._refine_request(batch[i], outputs[i]) for i in to_refine]
+            refinements = dict(zip(to_refine, self.refiner.refine(requests), strict=True))
+        refine_seconds = time.monotonic() - refine_started if to_refine else 0.0
+
+        results = []
+        for i in live:
+            p = batch[i]
+            candidates, objectives = best.get(i, (outputs[i], []))
+            generation = candidates[0] if candidates else None
+            refinement = refinements.get(i)
+            text = (
+                refinement.refined_text if refinement is not None else generation.text if generation else ""
+            )
+            result = JobResult(
+                generation=generation,
+                refinement=refinement,
+                text=text,
+                generate_seconds=generate_seconds if p.job.output_ids is None else 0.0,
+                refine_seconds=refine_seconds if refinement is not None else 0.0,
+                queue_seconds=started - p.submitted,
+                batch_size=len(batch),
+                best_of_sequences=candidates[1:] if p.job.best_of > 1 else [],
+                best_of_objectives=objectives,
+            )
+            results.append((p, result))
+        return results
+
+    def _generate(self, batch: list[_Pending]) -> tuple[list[list[GenerationOutput]], float]:
+        """One ``generate`` call for every row of the batch: one per job, best_of rows per best_of job.
+
+        Returns each job's outputs (empty for jobs with ``output_ids``) and the call's wall time.
+        """
+        owners: list[_Pending] = []  # the job of each generation row
+        params: list[SamplingParams] = []
+        for p in batch:
+            if p.job.output_ids is None:
+                for k in range(p.job.best_of):
+                    seed = p.params.seed + k if p.params.seed is not None else None
+                    owners.append(p)
+                    params.append(replace(p.params, seed=seed))
+        if not owners:
+            return [[] for _ in batch], 0.0
+
+        detokenizers = {
+            id(p): IncrementalDetokenizer(self.loaded.tokenizer) for p in owners if p.events is not None
+        }
+        sent = {id(p): 0 for p in owners}
+
+        def on_token(row: int, token_id: int, logprob: float) -> None:
+            p = owners[row]
+            if p.events is None or p.cancelled:
+                return
+            text = detokenizers[id(p)].push(token_id)
+            sent[id(p)] += 1
+            if sent[id(p)] > p.streamed:  # tokens of an earlier, failed attempt were already sent
+                p.streamed += 1
+                self._emit(p, TokenEvent(token_id, logprob, text))
+
+        def cancelled(row: int) -> bool:
+            p = owners[row]
+            return p.cancelled or time.monotonic() > p.deadline
+
+        started = time.monotonic()
+        outs = self.generator.generate([p.job.prompt_ids for p in owners], params, on_token, cancelled)
+        seconds = time.monotonic() - started
+        by_job: dict[int, list[GenerationOutput]] = {id(p): [] for p in batch}
+        for p, out in zip(owners, outs, strict=True):
+            if out.finish_reason != FINISH_CANCELLED:
+                by_job[id(p)].append(out)
+            metrics.GENERATED_TOKENS.inc(len(out.token_ids))
+        return [by_job[id(p)] for p in batch], seconds
+
+    def _rank(
+        self, p: _Pending, candidates: list[GenerationOutput]
+    ) -> tuple[list[GenerationOutput], list[dict]]:
+        """Order best_of candidates by the objective, best first (ties keep the lower seed)."""
+        assert self.refiner is not None
+        config = p.job.refine or RefineConfig()
+        objectives = self.refiner.score(p.job.prompt_ids, [c.token_ids for c in candidates], config)
+        metrics.CANDIDATES_SCORED.inc(len(candidates))
+        order = sorted(range(len(candidates)), key=lambda k: -objectives[k]["total"])
+        return [candidates[k] for k in order], [objectives[k] for k in order]
+
+    @staticmethod
+    def _refine_request(p: _Pending, outputs: list[GenerationOutput]) -> RefineRequest:
+        assert p.job.refine is not None
+        output_ids = p.job.output_ids if p.job.output_ids is not None else outputs[0].token_ids
+        return RefineRequest(prompt_ids=p.job.prompt_ids, output_ids=list(output_ids), config=p.job.refine)
+
+    @staticmethod
+    def _record(result: JobResult) -> None:
+        if result.generation is not None:
+            metrics.GENERATION_DURATION.observe(result.generate_seconds)
+        r = result.refinement
+        if r is not None:
+            metrics.REFINEMENT_DURATION.labels(method=r.method).observe(result.refine_seconds)
+            metrics.OBJECTIVE_GAIN.labels(method=r.method).observe(
+                r.objective_after["total"] - r.objective_before["total"]
+            )
+            metrics.CANDIDATES_SCORED.inc(r.candidates_scored)
+            for edit in r.edits:
+                metrics.ACCEPTED_EDITS.labels(method=r.method, op=str(edit.get("op", "unknown"))).inc()
+
+    @staticmethod
+    def _free_memory() -> None:
+        # After an out-of-memory error, give the cached blocks back before the retries.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per protocol: TGI (``tgi``), OpenAI (``openai``), service info (``info``)."""

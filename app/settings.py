@@ -1,0 +1,80 @@
+"""Service settings: one pydantic-settings class, read from ``REFINER_*`` environment variables.
+
+The CLI (``refiner serve``) overrides individual fields; everything else (routes, engine, limits)
+reads this object and nothing else, so there is one source of truth for configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from refiners.config import METHODS
+from refiners.models import EMBEDDED_MODEL
+
+RefineMethod = Literal["coordinate", "gradient", "hybrid"]
+assert set(RefineMethod.__args__) == set(METHODS), "RefineMethod must list refiners.config.METHODS"
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with. Defaults work offline on a laptop CPU.
+
+    Each field ``name`` is read from the environment variable ``REFINER_<NAME>`` (case-insensitive).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="REFINER_", extra="ignore")
+
+    # Model
+    model: str = Field(EMBEDDED_MODEL, description="embedded model name, a local directory or a hub id")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    cache_dir: str | None = Field(None, description="where the converted embedded model is kept")
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    api_key: str | None = Field(None, description="when set, every route but /health needs a bearer token")
+    log_level: str = "info"
+
+    # Request limits (tokens of the model's tokenizer)
+    max_input_tokens: int = Field(1024, ge=1)
+    max_new_tokens: int = Field(512, ge=1, description="cap on parameters.max_new_tokens")
+    max_total_tokens: int = Field(2048, ge=2, description="cap on input tokens + max_new_tokens")
+    default_max_new_tokens: int = Field(100, ge=1, description="used when a request does not say (TGI: 100)")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_keywords: int = Field(32, ge=0)
+    max_candidates: int = Field(256, ge=1)
+    max_best_of: int = Field(8, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+
+    # Engine
+    max_batch_size: int = Field(8, ge=1)
+    batch_window_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    scoring_chunk_size: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")
+
+    # Refinement defaults (when a request omits `refine` or some of its fields)
+    refine_default_enabled: bool = True
+    refine_default_method: RefineMethod = "coordinate"
+    refine_default_steps: int = Field(1, ge=1)
+    refine_default_candidates: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_tokens ({self.max_input_tokens}) must be below max_total_tokens "
+                f"({self.max_total_tokens}) so that at least one token can be generated"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens:
+            self.default_max_new_tokens = self.max_new_tokens
+        if self.refine_default_candidates > self.max_candidates:
+            raise ValueError(
+                f"refine_default_candidates ({self.refine_default_candidates}) exceeds max_candidates "
+                f"({self.max_candidates})"
+            )
+        return self

@@ -1,0 +1,654 @@
+"""Speed benchmark: what refinement costs next to generation, and how the server keeps up under load.
+
+Part ``latency`` (in-process, one request at a time): for outputs of 16, 32, 64 and 128 tokens, the
+generation time, the refinement time of each method and their ratio. The output length is forced by
+suppressing EOS and the other special tokens while decoding greedily (a logits processor added to the
+request's ``SamplingParams``), so every output has exactly the asked length. Architectures:
+
+- ``embedded``: the embedded SmolLM2-135M (CPU by default);
+- ``llama-1b`` / ``llama-8b``: random-weight models with the real Llama-3.2-1B / Llama-3.1-8B configs
+  (written below; nothing is downloaded), bf16 on CUDA, with the embedded tokenizer (its ids are a subset
+  of the 128k vocabulary, which keeps the real embedding / LM-head cost).
+
+On CUDA every timing is fenced by ``torch.cuda.synchronize()`` and preceded by warm-up iterations; peak
+memory is ``torch.cuda.max_memory_allocated``. On CPU peak memory is the process's peak RSS.
+
+Part ``throughput`` (through the real HTTP server): ``refiner serve`` is started as a subprocess on a
+free loopback port, once with ``REFINER_MAX_BATCH_SIZE=1`` (batching off) and once with 8 (on); then 1,
+4, 16 and 64 concurrent clients send ``POST /generate`` requests (distinct CommonGen prompts,
+``max_new_tokens`` 16), with and without refinement. Reported: requests/s, p50/p95 latency, errors and
+the server's peak RSS.
+
+    python -m benchmarks.speed --part latency --lengths 16          # quick check
+    python -m benchmarks.speed                                      # everything, CPU (make bench-speed)
+    python -m benchmarks.speed --part latency --arch llama-1b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
+
+from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids
+from benchmarks.report import (
+    RESULTS_DIR,
+    Column,
+    markdown_table,
+    mean,
+    percentile,
+    plot_latency,
+    plot_throughput,
+    write_json,
+)
+from refiners import METHODS, RefineConfig, Refiner, RefineRequest
+from refiners.generation import BatchGenerator, SamplingParams
+from refiners.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = (16, 32, 64, 128)
+CONCURRENCY = (1, 4, 16, 64)
+ARCHS = ("embedded", "llama-1b", "llama-8b")
+
+# Real sizes of the Llama 3 models (config.json of meta-llama/Llama-3.2-1B and Llama-3.1-8B).
+_LLAMA3_COMMON = dict(
+    vocab_size=128256,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+LLAMA_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(
+        _LLAMA3_COMMON,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-8b": dict(
+        _LLAMA3_COMMON,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def random_llama(arch: str, tokenizer: Any, device: str, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """A random-weight Llama with the real ``arch`` sizes, built directly on ``device`` in ``dtype``.
+
+    The tokenizer (the embedded one) writes and reads the text; its ids all lie inside the 128k
+    vocabulary, and the refiner never proposes ids past ``len(tokenizer)``.
+    """
+    from transformers import LlamaForCausalLM
+
+    from refiners.models import prepare_model
+
+    eos = int(tokenizer.eos_token_id)
+    config = LlamaConfig(
+        **{**LLAMA_CONFIGS[arch], "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id},
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: an 8B model is slow to initialise on CPU
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = eos
+    return prepare_model(model, tokenizer, model_id=f"random-{arch}", device=device)
+
+
+def load_arch(arch: str, device: str) -> LoadedModel:
+    from refiners.models import EMBEDDED_MODEL, load_model
+
+    embedded = load_model(EMBEDDED_MODEL, device=device)
+    if arch == "embedded":
+        return embedded
+    tokenizer = embedded.tokenizer
+    del embedded
+    return random_llama(arch, tokenizer, device)
+
+
+# -- part (a): latency breakdown -----------------------------------------------------------------
+
+
+@dataclass
+class ExactLengthParams(SamplingParams):
+    """Greedy decoding that never emits EOS or another special token, so the output has exactly
+    ``max_new_tokens`` tokens (unless the context runs out)."""
+
+    suppress: tuple[int, ...] = ()
+    device: str = "cpu"
+
+    def logits_processors(self) -> LogitsProcessorList:
+        processors = super().logits_processors()
+        processors.append(SuppressTokensLogitsProcessor(list(self.suppress), device=self.device))
+        return processors
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class LatencyBench:
+    """Times generation and each method's refinement, one request at a time, at fixed output lengths.
+
+    Args:
+        loaded: the model (any device).
+        methods: refinement methods to time.
+        items: concept sets whose prompts (and concepts, as keywords) are used, one request each.
+    """
+
+    def __init__(self, loaded: LoadedModel, methods: Sequence[str], items: Sequence[ConceptSet]):
+        self.loaded = loaded
+        self.methods = tuple(methods)
+        self.items = list(items)
+        self.generator = BatchGenerator(loaded)
+        self.refiner = Refiner(loaded)
+        self.suppress = tuple(sorted(set(loaded.tokenizer.all_special_ids) | loaded.eos_token_ids))
+
+    def _one(self, item: ConceptSet, length: int) -> tuple[float, int, dict[str, float]]:
+        """(generation seconds, output tokens, {method: refine seconds}) for one request."""
+        device = self.loaded.device
+        prompt = prompt_ids(self.loaded.tokenizer, item)
+        params = ExactLengthParams(max_new_tokens=length, suppress=self.suppress, device=str(device))
+        _sync(device)
+        started = time.perf_counter()
+        [out] = self.generator.generate([prompt], [params])
+        _sync(device)
+        gen_s = time.perf_counter() - started
+        refine_s = {}
+        for method in self.methods:
+            request = RefineRequest(
+                prompt, list(out.token_ids), RefineConfig(method=method, keywords=item.concepts)
+            )
+            _sync(device)
+            started = time.perf_counter()
+            self.refiner.refine([request])
+            _sync(device)
+            refine_s[method] = time.perf_counter() - started
+        return gen_s, len(out.token_ids), refine_s
+
+    def run(self, lengths: Sequence[int], warmup: int, arch: str) -> list[dict[str, Any]]:
+        device = self.loaded.device
+        rows = []
+        for length in lengths:
+            for w in range(warmup):  # not recorded: first-call allocations, kernels, caches
+                self._one(self.items[w % len(self.items)], length)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runs = [self._one(item, length) for item in self.items]
+            gen = [r[0] for r in runs]
+            for method in self.methods:
+                ref = [r[2][method] for r in runs]
+                rows.append(
+                    {
+                        "arch": arch,
+                        "model": self.loaded.model_id,
+                        "device": device.type,
+                        "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                        "method": method,
+                        "target_tokens": length,
+                        "tokens_mean": mean([r[1] for r in runs]),
+                        "requests": len(runs),
+                        "generate_s": mean(gen),
+                        "refine_s": mean(ref),
+                        "ratio": mean(ref) / mean(gen),
+                        "ratio_mean_per_request": mean([r / g for r, g in zip(ref, gen, strict=True)]),
+                        "peak_memory_mb": _peak_memory_mb(device),
+                        "peak_memory_kind": "cuda max_memory_allocated"
+                        if device.type == "cuda"
+                        else "process RSS",
+                    }
+                )
+                log.info(
+                    "%s %s %d tokens %s: generate %.3f s, refine %.3f s (%.2fx)",
+                    arch,
+                    device.type,
+                    length,
+                    method,
+                    rows[-1]["generate_s"],
+                    rows[-1]["refine_s"],
+                    rows[-1]["ratio"],
+                )
+        return rows
+
+
+LATENCY_TABLE = [
+    Column("arch", "model"),
+    Column("device", "device"),
+    Column("target_tokens", "tokens"),
+    Column("method", "method"),
+    Column("requests", "n"),
+    Column("generate_s", "generate s", ".3f"),
+    Column("refine_s", "refine s", ".3f"),
+    Column("ratio", "refine/gen", ".2f"),
+    Column("ratio_mean_per_request", "refine/gen (per req.)", ".2f"),
+    Column("peak_memory_mb", "peak MiB", ".0f"),
+]
+
+
+# -- part (b): throughput through the HTTP server -----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``refiner serve`` in a subprocess on a free loopback port, with ``REFINER_*`` settings in its env.
+
+    Args:
+        settings: environment overrides, e.g. ``{"REFINER_MAX_BATCH_SIZE": "1"}``.
+        model: ``--model`` (None = the embedded model).
+        device: ``--device``.
+    """
+
+    def __init__(self, settings: dict[str, str], model: str | None = None, device: str = "cpu"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **settings}
+        cmd = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+        ]
+        if model:
+            cmd += ["--model", model]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the server was not ready after {timeout_s} s:\n{self.output()}")
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident memory (VmHWM of its /proc status), MiB; NaN if unreadable."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def generate_bodies(
+    texts: Sequence[str], concepts: Sequence[Sequence[str]], refine: bool, max_new_tokens: int
+) -> list[dict[str, Any]]:
+    """``POST /generate`` bodies: greedy, ``max_new_tokens``, refinement on (keywords) or off."""
+    bodies = []
+    for text, words in zip(texts, concepts, strict=True):
+        refine_params: dict[str, Any] = {"enabled": refine}
+        if refine:
+            refine_params["keywords"] = list(words)
+        bodies.append(
+            {"inputs": text, "parameters": {"max_new_tokens": max_new_tokens, "refine": refine_params}}
+        )
+    return bodies
+
+
+async def load_level(
+    url: str, bodies: Sequence[dict[str, Any]], concurrency: int, timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """Send ``bodies`` with ``concurrency`` clients, each sending its next request when the previous
+    one is answered. Returns requests/s, latency percentiles and error counts."""
+    import httpx
+
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            started = time.perf_counter()
+            try:
+                response = await http.post("/generate", json=body)
+                ok = response.status_code == 200
+                key = str(response.status_code)
+            except httpx.HTTPError as exc:
+                ok, key = False, type(exc).__name__
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors[key] = errors.get(key, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(bodies),
+        "completed": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall if wall > 0 else float("nan"),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "latency_mean_s": mean(latencies),
+    }
+
+
+def requests_for(concurrency: int, per_level: int | None, cap: int) -> int:
+    """Requests sent at one concurrency level: ``per_level`` if given, else 2x the concurrency, capped."""
+    return per_level if per_level else min(2 * concurrency, cap)
+
+
+def run_throughput(
+    prompts: Sequence[str],
+    concepts: Sequence[Sequence[str]],
+    levels: Sequence[int],
+    batch_sizes: Sequence[int],
+    refine_modes: Sequence[bool],
+    max_new_tokens: int,
+    per_level: int | None,
+    cap: int,
+    model: str | None = None,
+    device: str = "cpu",
+    server_env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Start one server per batch size and measure every (refinement, concurrency) level against it."""
+    rows = []
+    offset = 0  # each request of the run gets a distinct prompt (cycling when there are fewer prompts)
+    for batch_size in batch_sizes:
+        env = {
+            "REFINER_MAX_BATCH_SIZE": str(batch_size),
+            "REFINER_MAX_QUEUE": str(max(64, 2 * max(levels))),
+            "REFINER_REQUEST_TIMEOUT_S": "900",
+            "REFINER_MAX_NEW_TOKENS": str(max(max_new_tokens, 16)),
+            **(server_env or {}),
+        }
+        server = ServerProcess(env, model=model, device=device)
+        try:
+            server.wait_ready()
+            for refine in refine_modes:
+                bodies_all = generate_bodies(prompts, concepts, refine, max_new_tokens)
+                # One warm-up request: the first request pays one-off costs (allocations, lazy imports).
+                asyncio.run(load_level(server.url, bodies_all[:1], 1))
+                for c in levels:
+                    n = requests_for(c, per_level, cap)
+                    bodies = [bodies_all[(offset + k) % len(bodies_all)] for k in range(n)]
+                    offset += n
+                    row = asyncio.run(load_level(server.url, bodies, c))
+                    row.update(
+                        batching=batch_size > 1,
+                        max_batch_size=batch_size,
+                        refine=refine,
+                        max_new_tokens=max_new_tokens,
+                        device=device,
+                        model=model or "embedded",
+                    )
+                    rows.append(row)
+                    log.info(
+                        "batch %d refine %s c=%d: %.2f req/s p50 %.2f s p95 %.2f s errors %s",
+                        batch_size,
+                        refine,
+                        c,
+                        row["requests_per_s"],
+                        row["latency_p50_s"],
+                        row["latency_p95_s"],
+                        row["errors"] or "none",
+                    )
+            peak = server.peak_rss_mb()
+            for row in rows:
+                if row["max_batch_size"] == batch_size:
+                    row["server_peak_rss_mb"] = peak
+        finally:
+            server.stop()
+    return rows
+
+
+THROUGHPUT_TABLE = [
+    Column("batching_label", "batching"),
+    Column("refine_label", "refine"),
+    Column("concurrency", "clients"),
+    Column("completed", "requests"),
+    Column("errors_total", "errors"),
+    Column("requests_per_s", "req/s", ".2f"),
+    Column("latency_p50_s", "p50 s", ".2f"),
+    Column("latency_p95_s", "p95 s", ".2f"),
+    Column("speedup", "req/s vs batching off", ".2f"),
+    Column("server_peak_rss_mb", "server peak RSS MiB", ".0f"),
+]
+
+
+def _label_throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    off = {(r["refine"], r["concurrency"]): r["requests_per_s"] for r in rows if not r["batching"]}
+    for r in rows:
+        r["batching_label"] = f"on ({r['max_batch_size']})" if r["batching"] else "off (1)"
+        r["refine_label"] = "yes" if r["refine"] else "no"
+        r["errors_total"] = sum(r["errors"].values())
+        base = off.get((r["refine"], r["concurrency"]))
+        r["speedup"] = r["requests_per_s"] / base if base else float("nan")
+    return rows
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["latency", "throughput", "all"], default="all")
+    parser.add_argument("--arch", choices=ARCHS, default="embedded")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="output tokens")
+    parser.add_argument("--requests", type=int, default=3, help="latency: requests (prompts) per length")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
+    )
+    parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
+    parser.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=None,
+        help="throughput requests per concurrency level (default 2x clients, capped)",
+    )
+    parser.add_argument(
+        "--max-requests-per-level",
+        type=int,
+        default=32,
+        help="cap of the default requests per level (keeps a CPU run short)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[1, 8],
+        help="server REFINER_MAX_BATCH_SIZE values (1 = batching off)",
+    )
+    parser.add_argument("--no-refine-only", action="store_true", help="throughput without refinement only")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="throughput: tokens per request")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default results/speed-<arch>-<device>)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu", file=sys.stderr)
+        return 2
+    out = args.out or RESULTS_DIR / f"speed-{args.arch}-{args.device}.json"
+    result: dict[str, Any] = {"arch": args.arch, "device": args.device}
+    if out.is_file():  # keep the other part's results when only one part is rerun
+        previous = json.loads(out.read_text())
+        result.update({k: previous[k] for k in ("latency", "throughput") if k in previous})
+    items_needed = max(args.requests, 64)
+    items = load_concept_sets(items_needed)
+
+    if args.part in ("latency", "all"):
+        loaded = load_arch(args.arch, args.device)
+        warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
+        bench = LatencyBench(loaded, args.methods, items[: args.requests])
+        rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
+        result["latency"] = {
+            "settings": {
+                "lengths": args.lengths,
+                "requests": args.requests,
+                "warmup": warmup,
+                "methods": args.methods,
+            },
+            "rows": rows,
+        }
+        del bench, loaded
+        print(f"\nLatency per request ({args.arch}, {args.device})\n")
+        print(markdown_table(rows, LATENCY_TABLE))
+        plot_latency(
+            out.with_name(out.stem + "-latency.png"),
+            rows,
+            f"Generation vs refinement time per request ({args.arch}, {args.device})",
+        )
+
+    if args.part in ("throughput", "all"):
+        model, tmpdir = None, None
+        if args.arch != "embedded":  # the server loads models from disk: save the random-weight one once
+            tmpdir = tempfile.TemporaryDirectory(prefix=f"refiner-{args.arch}-")
+            loaded = load_arch(args.arch, args.device)
+            loaded.model.save_pretrained(tmpdir.name)
+            loaded.tokenizer.save_pretrained(tmpdir.name)
+            model = tmpdir.name
+            del loaded
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        from refiners.models import EMBEDDED_MODEL, load_model
+
+        tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
+        texts = [tokenizer.decode(prompt_ids(tokenizer, it)) for it in items]
+        refine_modes = [False] if args.no_refine_only else [False, True]
+        try:
+            rows = run_throughput(
+                texts,
+                [it.concepts for it in items],
+                args.concurrency,
+                args.batch_sizes,
+                refine_modes,
+                args.max_new_tokens,
+                args.requests_per_level,
+                args.max_requests_per_level,
+                model=model,
+                device=args.device,
+            )
+        finally:
+            if tmpdir is not None:
+                tmpdir.cleanup()
+        rows = _label_throughput(rows)
+        result["throughput"] = {
+            "settings": {
+                "concurrency": args.concurrency,
+                "batch_sizes": args.batch_sizes,
+                "max_new_tokens": args.max_new_tokens,
+                "requests_per_level": args.requests_per_level,
+                "max_requests_per_level": args.max_requests_per_level,
+            },
+            "rows": rows,
+        }
+        print(f"\nThroughput through the HTTP server ({args.arch}, {args.device})\n")
+        print(markdown_table(rows, THROUGHPUT_TABLE))
+        plot_throughput(
+            out.with_name(out.stem + "-throughput.png"),
+            rows,
+            f"POST /generate throughput ({args.arch}, {args.device}, {args.max_new_tokens} tokens)",
+        )
+
+    write_json(out, result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

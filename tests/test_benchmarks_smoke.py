@@ -1,0 +1,155 @@
+"""The benchmark code paths run end to end on 2 concept sets with tiny random models.
+
+No real judge and no timing assertions: a tiny random Llama stands in for the judge, and the numbers
+are only checked for shape and for the invariants the benchmark itself reports (a refinement never
+lowers the objective).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks import quality, speed
+from benchmarks.commongen import concept_coverage, load_concept_sets, parse_concepts, prompt_ids
+from benchmarks.judge import Judge
+from benchmarks.report import Column, markdown_table, plot_latency, plot_quality, plot_throughput, write_json
+from refiners import Refiner
+from tests.conftest import start_server
+from tests.tiny_models import embedded_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return tiny_llama(tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tokenizer) -> Judge:
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    return Judge(LlamaForCausalLM(config), tokenizer, batch_size=3)
+
+
+def test_concept_sets_parse_and_prompt_through_the_chat_template(tokenizer):
+    items = load_concept_sets(2)
+    assert [len(i.concepts) for i in items] == [3, 3] and items[0].concepts == ("field", "look", "stand")
+    assert parse_concepts("dance_V#kid_N#room_N") == ("dance", "kid", "room")
+    text = tokenizer.decode(prompt_ids(tokenizer, items[0]))
+    assert "Write one short sentence that uses all of these words: field, look, stand." in text
+    assert text.rstrip().endswith("assistant")
+    assert concept_coverage(("dance", "kid"), "Kids were dancing.") == 1.0
+    assert concept_coverage(("dance", "kid"), "A kidney.") == 0.0
+
+
+def test_judge_perplexity_is_per_text_and_independent_of_batching(tiny_judge):
+    texts = ["A dog runs in the field.", "", "Cats sleep.", "The kid dances in the room today."]
+    ppl = tiny_judge.perplexity(texts)
+    assert len(ppl) == 4 and all(p > 0 for i, p in enumerate(ppl) if i != 1)
+    one_by_one = [tiny_judge.perplexity([t])[0] for t in texts]
+    for a, b in zip(ppl, one_by_one, strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4)
+
+
+def test_quality_run_reports_every_condition_without_lowering_the_objective(tiny, tiny_judge, tmp_path):
+    items = load_concept_sets(2)
+    settings = quality.QualitySettings(
+        methods=("coordinate", "gradient", "hybrid"), max_new_tokens=6, candidates=4
+    )
+    records = tmp_path / "q.records.jsonl"
+    result = quality.run(tiny, Refiner(tiny), tiny_judge.perplexity, items, settings, records_path=records)
+    names = [row["condition"] for row in result["summary"]]
+    assert names[:4] == ["greedy", "greedy + coordinate", "greedy + gradient", "greedy + hybrid"]
+    assert names[4:8] == ["sampled", "sampled + coordinate", "sampled + gradient", "sampled + hybrid"]
+    assert names[8] == f"best_of={result['settings']['best_of']}" and result["settings"]["best_of"] >= 2
+    for row in result["summary"]:
+        assert row["prompts"] == 2 and 0 <= row["coverage"] <= 1
+        if "+" in row["condition"]:
+            assert row["objective_decreased_reported_frac"] == 0.0
+    # Rescored as generated, a refined output scores no lower than its initial one whenever the initial
+    # ids round-trip through the tokenizer (otherwise the refiner starts from the re-encoded text).
+    for name, recs in result["records"].items():
+        if "+" in name:
+            initial = {r["index"]: r for r in result["records"][name.split(" + ")[0]]}
+            for r in recs:
+                if initial[r["index"]]["round_trips"]:
+                    assert r["objective"] >= initial[r["index"]]["objective"] - quality.OBJECTIVE_TOLERANCE
+    assert len(records.read_text().splitlines()) == 4  # 2 items + 2 best_of records
+    # Resuming reuses the records instead of generating again.
+    again = quality.run(
+        tiny, Refiner(tiny), tiny_judge.perplexity, items, settings, records_path=records, resume=True
+    )
+    assert again["records"]["greedy"][0]["text"] == result["records"]["greedy"][0]["text"]
+    table = markdown_table(result["summary"], quality.TABLE)
+    assert "greedy + coordinate" in table
+    path = write_json(tmp_path / "q.json", result)
+    assert json.loads(path.read_text())["machine"]["cpu_count"] >= 1
+    assert plot_quality(tmp_path / "q.png", result["summary"], "smoke").stat().st_size > 0
+
+
+def test_latency_bench_forces_the_output_length(tiny, tmp_path):
+    items = load_concept_sets(2)
+    rows = speed.LatencyBench(tiny, ["coordinate", "gradient"], items).run([5, 9], warmup=0, arch="tiny")
+    assert [(r["target_tokens"], r["method"]) for r in rows] == [
+        (5, "coordinate"),
+        (5, "gradient"),
+        (9, "coordinate"),
+        (9, "gradient"),
+    ]
+    assert all(r["tokens_mean"] == r["target_tokens"] and r["generate_s"] > 0 for r in rows)
+    assert markdown_table(rows, speed.LATENCY_TABLE).count("\n") == 5
+    assert plot_latency(tmp_path / "l.png", rows, "smoke").stat().st_size > 0
+
+
+def test_throughput_client_counts_requests_and_errors(tiny, tmp_path):
+    tok = tiny.tokenizer
+    items = load_concept_sets(2)
+    texts = [tok.decode(prompt_ids(tok, it)) for it in items]
+    server = start_server(tiny, max_batch_size=4)
+    try:
+        rows = []
+        for refine in (False, True):
+            bodies = speed.generate_bodies(texts, [it.concepts for it in items], refine, max_new_tokens=4)
+            row = asyncio.run(speed.load_level(server.url, bodies * 2, concurrency=2))
+            row.update(batching=True, max_batch_size=4, refine=refine)
+            rows.append(row)
+        bad = asyncio.run(speed.load_level(server.url, [{"inputs": ""}], concurrency=1))
+    finally:
+        server.stop()
+    assert all(r["completed"] == 4 and not r["errors"] and r["requests_per_s"] > 0 for r in rows)
+    assert bad["completed"] == 0 and bad["errors"] == {"422": 1}
+    rows = speed._label_throughput(rows + [dict(rows[0], batching=False, max_batch_size=1)])
+    assert "on (4)" in markdown_table(rows, speed.THROUGHPUT_TABLE)
+    assert plot_throughput(tmp_path / "t.png", rows, "smoke").stat().st_size > 0
+
+
+def test_random_llama_configs_have_the_real_sizes():
+    one, eight = speed.LLAMA_CONFIGS["llama-1b"], speed.LLAMA_CONFIGS["llama-8b"]
+    assert (one["hidden_size"], one["num_hidden_layers"], one["intermediate_size"]) == (2048, 16, 8192)
+    assert (eight["hidden_size"], eight["num_hidden_layers"], eight["intermediate_size"]) == (4096, 32, 14336)
+    assert one["vocab_size"] == eight["vocab_size"] == 128256
+
+
+def test_report_table_prints_missing_values_as_dashes():
+    table = markdown_table(
+        [{"a": 1.0, "b": float("nan")}, {"a": 2.5}], [Column("a", "A", ".1f"), Column("b", "B")]
+    )
+    assert table.splitlines()[2] == "| 1.0 | - |"

@@ -1,0 +1,209 @@
+"""Bad requests get the TGI error body with the right status, and the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import LiveServer
+
+MAX_INPUT_TOKENS = 64
+MAX_NEW_TOKENS = 16
+MAX_KEYWORDS = 4
+MAX_CANDIDATES = 16
+MAX_BODY_BYTES = 4096
+MAX_TOTAL_TOKENS = MAX_INPUT_TOKENS + 8  # < input cap + new-token cap: the total check matters
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, tiny_model) -> LiveServer:
+    live = server_factory(
+        tiny_model,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        max_total_tokens=MAX_TOTAL_TOKENS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_keywords=MAX_KEYWORDS,
+        max_candidates=MAX_CANDIDATES,
+        refine_default_candidates=4,
+        max_body_bytes=MAX_BODY_BYTES,
+    )
+    yield live
+    live.stop()
+
+
+def gen(inputs: Any = "Hello there", **parameters: Any) -> dict[str, Any]:
+    return {"inputs": inputs, "parameters": parameters}
+
+
+LONG_INPUT = "word " * (MAX_INPUT_TOKENS * 2)
+
+# (case id, path, JSON body, words the error message must contain)
+BAD_JSON_REQUESTS = [
+    ("empty inputs", "/generate", gen(""), ["inputs"]),
+    ("missing inputs", "/generate", {"parameters": {}}, ["inputs"]),
+    ("inputs not a string", "/generate", gen(123), ["inputs"]),
+    (
+        "over-long inputs",
+        "/generate",
+        gen(LONG_INPUT, max_new_tokens=2),
+        ["max_input_tokens", str(MAX_INPUT_TOKENS)],
+    ),
+    ("max_new_tokens over cap", "/generate", gen(max_new_tokens=MAX_NEW_TOKENS + 1), ["max_new_tokens"]),
+    ("max_new_tokens zero", "/generate", gen(max_new_tokens=0), ["max_new_tokens"]),
+    ("negative temperature", "/generate", gen(temperature=-1.0, do_sample=True), ["temperature"]),
+    ("top_p zero", "/generate", gen(top_p=0.0), ["top_p"]),
+    ("negative seed", "/generate", gen(seed=-3), ["seed"]),
+    ("truncate zero", "/generate", gen(truncate=0), ["truncate"]),
+    ("best_of without sampling", "/generate", gen(best_of=2), ["best_of", "sampl"]),
+    ("best_of with seed", "/generate", gen(best_of=2, do_sample=True, seed=1), ["seed"]),
+    ("best_of over limit", "/generate", gen(best_of=99, do_sample=True), ["best_of"]),
+    ("best_of while streaming", "/", {**gen(best_of=2, do_sample=True), "stream": True}, ["best_of"]),
+    ("unsupported watermark", "/generate", gen(watermark=True), ["watermark"]),
+    ("unknown refine method", "/generate", gen(refine={"method": "beam"}), ["method"]),
+    ("unknown refine field", "/generate", gen(refine={"keyword": ["x"]}), ["keyword"]),
+    ("negative weight", "/generate", gen(refine={"weights": {"logprob": -1.0}}), ["weights"]),
+    ("unknown weight term", "/generate", gen(refine={"weights": {"fluency": 1.0}}), ["fluency"]),
+    ("too many keywords", "/generate", gen(refine={"keywords": ["a", "b", "c", "d", "e"]}), ["keywords"]),
+    ("empty keyword", "/generate", gen(refine={"keywords": [""]}), ["keywords"]),
+    ("candidates over cap", "/generate", gen(refine={"candidates": MAX_CANDIDATES + 1}), ["candidates"]),
+    ("zero steps", "/generate", gen(refine={"steps": 0}), ["steps"]),
+    ("negative length_penalty", "/generate", gen(refine={"length_penalty": -0.5}), ["length_penalty"]),
+    ("target_length zero", "/generate", gen(refine={"target_length": 0}), ["target_length"]),
+    ("stream: empty inputs", "/generate_stream", gen(""), ["inputs"]),
+    ("refine: empty output", "/refine", {"inputs": "Q?", "output": ""}, ["output"]),
+    (
+        "refine: bad method",
+        "/refine",
+        {"inputs": "Q?", "output": "A.", "parameters": {"refine": {"method": "x"}}},
+        ["method"],
+    ),
+    ("completions: no prompt", "/v1/completions", {"model": "m"}, ["prompt"]),
+    (
+        "completions: max_tokens over cap",
+        "/v1/completions",
+        {"prompt": "Hi", "max_tokens": 10_000},
+        ["max_tokens"],
+    ),
+    (
+        "completions: negative weight",
+        "/v1/completions",
+        {"prompt": "Hi", "refine": {"weights": {"length": -2}}},
+        ["weights"],
+    ),
+    ("completions: stream with n > 1", "/v1/completions", {"prompt": "Hi", "n": 2, "stream": True}, ["n"]),
+    ("chat: no messages", "/v1/chat/completions", {"messages": []}, ["messages"]),
+    (
+        "chat: unknown role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        ["role"],
+    ),
+    (
+        "chat: tools",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        ["tools"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"), [c[1:] for c in BAD_JSON_REQUESTS], ids=[c[0] for c in BAD_JSON_REQUESTS]
+)
+def test_invalid_request_gets_422_with_tgi_error_body(
+    server: LiveServer, path: str, body: Any, words: list[str]
+):
+    with server.client() as client:
+        r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    payload = r.json()
+    assert set(payload) == {"error", "error_type"}
+    assert payload["error_type"] == "validation"
+    for word in words:
+        assert word in payload["error"], payload["error"]
+
+
+def test_non_json_body_gets_422(server: LiveServer):
+    with server.client() as client:
+        r = client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+        r2 = client.post("/generate", content=b"inputs=hello", headers={"Content-Type": "text/plain"})
+        r3 = client.post("/generate", content=b"", headers={"Content-Type": "application/json"})
+    for resp in (r, r2, r3):
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error_type"] == "validation"
+    assert "JSON" in r.json()["error"]
+
+
+def test_nan_is_rejected(server: LiveServer):
+    with server.client() as client:
+        r = client.post(
+            "/generate",
+            content=b'{"inputs": "x", "parameters": {"refine": {"length_penalty": NaN}}}',
+            headers={"Content-Type": "application/json"},
+        )
+    assert r.status_code == 422, r.text
+    assert "length_penalty" in r.json()["error"]
+
+
+def test_oversized_body_gets_413_before_parsing(server: LiveServer):
+    big = b'{"inputs": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
+    with server.client() as client:
+        r = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
+
+        def chunks():  # no Content-Length: the limit applies while the body streams in
+            yield big[:1000]
+            yield big[1000:]
+
+        r_chunked = client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    for resp in (r, r_chunked):
+        assert resp.status_code == 413, resp.text
+        assert resp.json()["error_type"] == "validation"
+        assert str(MAX_BODY_BYTES) in resp.json()["error"]
+
+
+def test_unknown_route_and_method_get_tgi_error_body(server: LiveServer):
+    with server.client() as client:
+        missing = client.post("/nope", json={})
+        wrong_method = client.get("/generate")
+    assert missing.status_code == 404
+    assert missing.json()["error_type"] == "not_found"
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error_type"] == "method_not_allowed"
+
+
+def test_truncate_makes_an_over_long_input_acceptable(server: LiveServer):
+    with server.client() as client:
+        r = client.post(
+            "/generate",
+            json=gen(
+                LONG_INPUT,
+                max_new_tokens=2,
+                truncate=16,
+                decoder_input_details=True,
+                details=True,
+                refine={"enabled": False},
+            ),
+        )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["details"]["prefill"]) == 16
+
+
+def test_input_plus_new_tokens_over_total_gets_422(server: LiveServer):
+    with server.client() as client:
+        info = client.get("/info").json()
+        r = client.post("/generate", json=gen("word " * 56, max_new_tokens=MAX_NEW_TOKENS))
+        fits = client.post("/generate", json=gen("word " * 56, max_new_tokens=2, refine={"enabled": False}))
+    assert info["max_total_tokens"] == MAX_TOTAL_TOKENS
+    assert r.status_code == 422, r.text
+    assert "max_total_tokens" in r.json()["error"]
+    assert fits.status_code == 200, fits.text
+
+
+def test_server_keeps_serving_after_bad_requests(server: LiveServer):
+    with server.client() as client:
+        for body in ({"inputs": ""}, {"inputs": "x", "parameters": {"refine": {"method": "?"}}}):
+            assert client.post("/generate", json=body).status_code == 422
+        ok = client.post("/generate", json=gen("Hi", max_new_tokens=2, refine={"candidates": 2}))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["details"]["refinement"]["method"] == "coordinate"

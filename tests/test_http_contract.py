@@ -1,0 +1,212 @@
+"""The HTTP contract of issue 3, field by field, against a live server with the embedded model."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, sse_events
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "Once upon a time"  # instruction-like prompts often end at once (EOS) with this small model
+NEW_TOKENS = 8
+REFINEMENT_FIELDS = {
+    "method",
+    "initial_text",
+    "objective_before",
+    "objective_after",
+    "edits",
+    "candidates_scored",
+    "generate_seconds",
+    "refine_seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, embedded_model) -> LiveServer:
+    live = server_factory(embedded_model, refine_default_candidates=4, max_batch_size=4)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer):
+    with server.client() as c:
+        yield c
+
+
+def generate(client: httpx.Client, path: str = "/generate", inputs: str = PROMPT, **parameters) -> dict:
+    parameters.setdefault("max_new_tokens", NEW_TOKENS)
+    r = client.post(path, json={"inputs": inputs, "parameters": parameters})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_and_info(client: httpx.Client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/info").json()
+    assert info["model_id"] == "embedded:smollm2-135m-instruct"
+    assert info["model_dtype"] == "float32"
+    assert info["model_device_type"] == "cpu"
+    assert (
+        info["max_input_tokens"] == 1024
+        and info["max_total_tokens"] == 2048
+        and info["max_new_tokens"] == 512
+    )
+    assert info["refine_defaults"] == {
+        "enabled": True,
+        "method": "coordinate",
+        "steps": 1,
+        "candidates": 4,
+        "max_candidates": 256,
+        "max_keywords": 32,
+    }
+    assert info["version"]
+
+
+def test_default_request_is_refined_and_reports_refinement(client: httpx.Client):
+    body = generate(client)
+    details = body["details"]
+    refinement = details["refinement"]
+    assert REFINEMENT_FIELDS <= set(refinement)
+    assert refinement["method"] == "coordinate"
+    assert refinement["refined_text"] == body["generated_text"]
+    assert "total" in refinement["objective_before"] and "total" in refinement["objective_after"]
+    assert refinement["objective_after"]["total"] >= refinement["objective_before"]["total"]
+    assert 1 <= refinement["candidates_scored"] <= 4
+    assert details["finish_reason"] in ("length", "eos_token", "stop_sequence")
+    assert 1 <= details["generated_tokens"] <= NEW_TOKENS
+    assert details["seed"] is None  # greedy
+    assert "tokens" not in details  # only when asked for
+
+
+def test_initial_text_equals_plain_generation_with_the_same_seed(client: httpx.Client):
+    for params in ({}, {"do_sample": True, "seed": 1234, "temperature": 0.8}):
+        plain = generate(client, refine={"enabled": False}, **params)
+        refined = generate(client, refine={"method": "gradient", "candidates": 4}, **params)
+        assert plain["details"]["refinement"] is None
+        assert refined["details"]["refinement"]["initial_text"] == plain["generated_text"]
+        assert refined["details"]["refinement"]["method"] == "gradient"
+        if params:
+            assert plain["details"]["seed"] == refined["details"]["seed"] == 1234
+
+
+def test_details_tokens_prefill_and_full_text(client: httpx.Client):
+    body = generate(
+        client, details=True, decoder_input_details=True, return_full_text=True, refine={"enabled": False}
+    )
+    details = body["details"]
+    assert body["generated_text"].startswith(PROMPT)
+    assert len(details["tokens"]) == details["generated_tokens"]
+    for token in details["tokens"]:
+        assert set(token) == {"id", "text", "logprob", "special"}
+        assert token["logprob"] <= 0.0
+    text = "".join(t["text"] for t in details["tokens"] if not t["special"])
+    assert PROMPT + text == body["generated_text"]
+    assert "".join(t["text"] for t in details["prefill"] if not t["special"]) == PROMPT
+    truncated = generate(
+        client, details=True, decoder_input_details=True, truncate=3, refine={"enabled": False}
+    )
+    assert len(truncated["details"]["prefill"]) == 3
+
+
+def test_keywords_and_weights_reach_the_objective(client: httpx.Client):
+    body = generate(
+        client,
+        refine={"keywords": ["ocean"], "weights": {"keywords": 2.0}, "candidates": 4, "target_length": 6},
+    )
+    objective = body["details"]["refinement"]["objective_before"]
+    assert "keywords" in objective and "length" in objective
+
+
+def test_best_of_returns_the_best_sequence(client: httpx.Client):
+    body = generate(client, best_of=2, do_sample=True, details=True, refine={"enabled": False})
+    assert body["details"]["generated_tokens"] >= 1
+    for seq in body["details"].get("best_of_sequences") or []:
+        assert {"generated_text", "finish_reason", "generated_tokens", "seed", "tokens"} <= set(seq)
+
+
+def test_generate_stream_events(client: httpx.Client):
+    plain = generate(client, refine={"enabled": False})["generated_text"]
+    with client.stream(
+        "POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": NEW_TOKENS}}
+    ) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines())
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    final = events[-1]
+    assert final["details"]["generated_tokens"] == len(events)
+    assert final["details"]["refinement"]["initial_text"] == plain
+    assert final["generated_text"] == final["details"]["refinement"]["refined_text"]
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == plain
+
+
+def test_root_route_dispatches_on_stream(client: httpx.Client):
+    r = client.post(
+        "/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "refine": {"enabled": False}}}
+    )
+    assert r.status_code == 200
+    assert isinstance(r.json(), list) and r.json()[0]["generated_text"].strip()
+    with client.stream(
+        "POST",
+        "/",
+        json={
+            "inputs": PROMPT,
+            "stream": True,
+            "parameters": {"max_new_tokens": 3, "refine": {"enabled": False}},
+        },
+    ) as s:
+        events = sse_events(s.iter_lines())
+    assert events[-1]["generated_text"] == r.json()[0]["generated_text"]
+
+
+def test_refine_route_refines_a_given_output(client: httpx.Client):
+    output = "The sea is very big and blue."
+    r = client.post(
+        "/refine",
+        json={
+            "inputs": PROMPT,
+            "output": output,
+            "parameters": {"refine": {"keywords": ["waves"], "candidates": 4}},
+        },
+    )
+    assert r.status_code == 200, r.text
+    refinement = r.json()["refinement"]
+    assert refinement["initial_text"] == output
+    assert r.json()["generated_text"] == refinement["refined_text"]
+    assert refinement["objective_after"]["total"] >= refinement["objective_before"]["total"]
+
+
+def test_metrics_count_requests_by_route_template(client: httpx.Client):
+    client.get("/info")
+    text = client.get("/metrics").text
+    assert 'refiner_requests_total{route="/info",status="200"}' in text
+    assert 'refiner_requests_total{route="/generate",status="200"}' in text
+    for name in (
+        "refiner_request_duration_seconds_bucket",
+        "refiner_requests_in_flight",
+        "refiner_generation_duration_seconds",
+        "refiner_generated_tokens_total",
+        "refiner_queue_size",
+        "refiner_batch_size",
+        "refiner_model_info",
+    ):
+        assert name in text, name
+
+
+def test_openapi_schema_lists_the_routes(client: httpx.Client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/",
+        "/generate",
+        "/generate_stream",
+        "/refine",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/info",
+        "/health",
+        "/metrics",
+    ):
+        assert path in paths, path

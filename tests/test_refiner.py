@@ -1,0 +1,371 @@
+"""The refinement step on tiny random Llama and GPT-2 models: the invariants of issue 2.
+
+Every method, with and without keywords, on prompts and outputs of different lengths: the returned
+output never scores lower than the initial one when both are re-scored from the returned text,
+no special token is introduced, a final EOS stays last, runs are deterministic, batched equals one
+by one, weights never change. Then the edit paths that must actually do something: a heavily
+weighted keyword gets inserted, a heavily weighted length target moves the length, two steps go
+further than one, and candidates scored with the shared-prefix cache score exactly as without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from refiners import Edit, RefineConfig, Refiner, RefineRequest, RefineResult, apply_edits
+from refiners.keywords import keyword_present
+from refiners.models import LoadedModel
+from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids
+
+TOL = 1e-4
+CANDIDATES = 8
+
+# (user prompt, initial output, ends with EOS, method, keywords): every method with and without
+# keywords, prompts and outputs of different lengths, one output cut off without EOS.
+CASES = [
+    (
+        "Write one short sentence that uses all of these words: dog, frisbee, park.",
+        "A dog plays in the park with a ball.",
+        True,
+        "coordinate",
+        (),
+    ),
+    ("Name a colour.", "Blue is my favourite.", True, "coordinate", ("green", "sky")),
+    (
+        "Describe the weather today in a few words, please, for my trip to the coast next week.",
+        "It is sunny and warm, with a light breeze from the sea and a few clouds",
+        False,
+        "gradient",
+        (),
+    ),
+    ("Say hello.", "Hello there, friend!", True, "gradient", ("world",)),
+    ("What do cats like?", "Cats like fish and naps.", True, "hybrid", ()),
+    (
+        "Write one short sentence that uses all of these words: cat, hat, mat.",
+        "The cat sat on the mat.",
+        True,
+        "hybrid",
+        ("hat", "cat"),
+    ),
+]
+
+
+@dataclass
+class Suite:
+    """One architecture's refiner and the results of the shared runs."""
+
+    arch: str
+    loaded: LoadedModel
+    refiner: Refiner
+    requests: list[RefineRequest]
+    batched: list[RefineResult]
+    batched_again: list[RefineResult]
+    singles: list[RefineResult]
+    parameters_before: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def suite(request, tokenizer) -> Suite:
+    loaded = ARCHITECTURES[request.param](tokenizer)
+    before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    refiner = Refiner(loaded)
+    requests = [
+        RefineRequest(
+            chat_prompt(tokenizer, prompt),
+            output_ids(tokenizer, output, eos),
+            RefineConfig(method=method, candidates=CANDIDATES, keywords=keywords),
+        )
+        for prompt, output, eos, method, keywords in CASES
+    ]
+    batched = refiner.refine(requests)
+    batched_again = refiner.refine(requests)
+    singles = [refiner.refine([r])[0] for r in requests]
+    return Suite(request.param, loaded, refiner, requests, batched, batched_again, singles, before)
+
+
+def special_ids(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+
+def split_eos(ids: list[int], eos: int) -> tuple[list[int], list[int]]:
+    return (ids[:-1], ids[-1:]) if ids and ids[-1] == eos else (list(ids), [])
+
+
+def retokenised(tokenizer, result: RefineResult, eos: int) -> list[int]:
+    """The refined output as a client would rebuild it from the returned text."""
+    _, tail = split_eos(result.refined_ids, eos)
+    return tokenizer.encode(result.refined_text, add_special_tokens=False) + tail
+
+
+# -- invariants over every method, with and without keywords ------------------------------------------
+
+
+def test_some_case_actually_changes_the_output(suite) -> None:
+    # The invariants below would hold trivially if nothing were ever accepted.
+    assert any(r.refined_ids != r.initial_ids for r in suite.batched)
+    assert any(r.objective_after["total"] > r.objective_before["total"] for r in suite.batched)
+
+
+def test_refined_output_never_scores_lower_when_rescored_from_its_text(suite, tokenizer) -> None:
+    eos = eos_id(tokenizer)
+    for request, result in zip(suite.requests, suite.batched):
+        initial, refined = suite.refiner.score(
+            request.prompt_ids, [request.output_ids, retokenised(tokenizer, result, eos)], request.config
+        )
+        assert refined["total"] >= initial["total"] - 1e-5, (request.config.method, result.refined_text)
+        # The reported numbers are the numbers of the returned text.
+        assert initial["total"] == pytest.approx(result.objective_before["total"], abs=TOL)
+        assert refined["total"] == pytest.approx(result.objective_after["total"], abs=TOL)
+        assert result.objective_after["total"] >= result.objective_before["total"]
+
+
+def test_refined_text_round_trips_to_the_refined_ids(suite, tokenizer) -> None:
+    eos = eos_id(tokenizer)
+    for result in suite.batched:
+        body, tail = split_eos(result.refined_ids, eos)
+        assert tokenizer.decode(body, skip_special_tokens=True) == result.refined_text
+        assert tokenizer.encode(tokenizer.decode(body), add_special_tokens=False) == body
+        assert retokenised(tokenizer, result, eos) == result.refined_ids
+
+
+def test_no_special_token_is_introduced_and_a_final_eos_stays_last(suite, tokenizer) -> None:
+    eos, specials = eos_id(tokenizer), special_ids(tokenizer)
+    for request, result in zip(suite.requests, suite.batched):
+        body, tail = split_eos(result.refined_ids, eos)
+        assert not specials & set(body), result.refined_ids
+        ended_with_eos = request.output_ids[-1] == eos
+        assert tail == ([eos] if ended_with_eos else [])
+        assert result.refined_ids.count(eos) == (1 if ended_with_eos else 0)
+        for edit in result.edits:
+            assert not specials & set(edit["new_tokens"])
+
+
+def test_refine_is_deterministic(suite) -> None:
+    for first, second in zip(suite.batched, suite.batched_again):
+        assert second.refined_ids == first.refined_ids
+        assert second.edits == first.edits
+        assert second.objective_after == first.objective_after
+        assert second.objective_before == first.objective_before
+        assert second.candidates_scored == first.candidates_scored
+
+
+def test_batched_refine_matches_one_by_one(suite) -> None:
+    for batched, single in zip(suite.batched, suite.singles):
+        assert batched.refined_text == single.refined_text
+        assert batched.refined_ids == single.refined_ids
+        for key in single.objective_after:
+            assert batched.objective_before[key] == pytest.approx(single.objective_before[key], abs=TOL)
+            assert batched.objective_after[key] == pytest.approx(single.objective_after[key], abs=TOL)
+
+
+def test_model_parameters_never_change_nor_take_gradients(suite) -> None:
+    after = suite.loaded.model.state_dict()
+    assert after.keys() == suite.parameters_before.keys()
+    for name, value in suite.parameters_before.items():
+        assert torch.equal(after[name], value), name
+    for name, p in suite.loaded.model.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    assert not suite.loaded.model.training
+
+
+def test_result_carries_ids_texts_objectives_edits_and_timings(suite, tokenizer) -> None:
+    for request, result in zip(suite.requests, suite.batched):
+        config = request.config
+        assert result.method == config.method
+        assert result.initial_ids == request.output_ids  # canonical ids are kept as given
+        assert result.initial_text == tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        expected_terms = {"total", "logprob"} | ({"keywords"} if config.keywords else set())
+        assert set(result.objective_before) == expected_terms
+        assert set(result.objective_after) == expected_terms
+        assert all(math.isfinite(v) for v in result.objective_after.values())
+        if config.keywords:
+            present = sum(keyword_present(k, result.refined_text) for k in config.keywords)
+            assert result.objective_after["keywords"] == present
+        assert result.candidates_scored > 0
+        assert result.gradient_seconds > 0 and result.scoring_seconds > 0
+        assert result.refine_seconds == pytest.approx(result.gradient_seconds + result.scoring_seconds)
+        assert result.steps == 1
+        assert result.improved == (result.refined_ids != result.initial_ids)
+        for edit in result.edits:
+            assert {"op", "position", "old_tokens", "new_tokens", "old_text", "new_text", "step"} <= set(edit)
+            assert edit["op"] in ("replace", "insert", "delete")
+            assert edit["old_text"] == tokenizer.decode(edit["old_tokens"])
+            assert edit["new_text"] == tokenizer.decode(edit["new_tokens"])
+            assert edit["step"] == 0
+
+
+def replay(result: RefineResult, eos: int) -> list[int]:
+    """Apply the reported edits, step by step, to the initial body."""
+    body, tail = split_eos(result.initial_ids, eos)
+    for step in sorted({e["step"] for e in result.edits}):
+        edits = [
+            Edit(e["op"], e["position"], tuple(e["old_tokens"]), tuple(e["new_tokens"]))
+            for e in result.edits
+            if e["step"] == step
+        ]
+        body = apply_edits(body, edits)
+    return body + tail
+
+
+def test_reported_edits_turn_the_initial_output_into_the_refined_one(suite, tokenizer) -> None:
+    for result in suite.batched:
+        assert replay(result, eos_id(tokenizer)) == result.refined_ids
+        assert (result.edits == []) == (result.refined_ids == result.initial_ids)
+
+
+# -- the edit paths ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["coordinate", "hybrid"])
+def test_heavily_weighted_missing_keyword_gets_inserted(suite, tokenizer, method) -> None:
+    prompt = chat_prompt(
+        tokenizer, "Write one short sentence that uses all of these words: dog, frisbee, park."
+    )
+    output = output_ids(tokenizer, "A dog plays in the park with a ball.")
+    config = RefineConfig(
+        method=method, candidates=12, keywords=("dog", "frisbee", "park"), weights={"keywords": 100.0}
+    )
+    [result] = suite.refiner.refine([RefineRequest(prompt, output, config)])
+    assert result.objective_before["keywords"] == 2.0
+    assert keyword_present("frisbee", result.refined_text), result.refined_text
+    assert result.objective_after["keywords"] == 3.0
+    assert any("frisbee" in e["new_text"].lower() for e in result.edits)
+    [rescored] = suite.refiner.score(prompt, [retokenised(tokenizer, result, eos_id(tokenizer))], config)
+    assert rescored["keywords"] == 3.0
+    assert rescored["total"] == pytest.approx(result.objective_after["total"], abs=TOL)
+
+
+def test_heavily_weighted_length_target_moves_the_length_towards_it(suite, tokenizer) -> None:
+    prompt = chat_prompt(tokenizer, "Say something.")
+    long = output_ids(tokenizer, "This is a rather long answer with many words that keep going on.")
+    short = output_ids(tokenizer, "Yes.")
+    weights = {"length": 100.0}
+    shorten = RefineConfig(candidates=16, target_length=3, weights=weights)
+    lengthen = RefineConfig(candidates=16, target_length=len(short) + 6, weights=weights)
+    down, up = suite.refiner.refine(
+        [RefineRequest(prompt, long, shorten), RefineRequest(prompt, short, lengthen)]
+    )
+    assert 3 <= len(down.refined_ids) < len(long)
+    assert down.objective_after["length"] > down.objective_before["length"]
+    assert any(e["op"] == "delete" for e in down.edits)
+    assert len(short) < len(up.refined_ids) <= len(short) + 6
+    assert up.objective_after["length"] > up.objective_before["length"]
+    assert any(e["op"] == "insert" for e in up.edits)
+    for result in (down, up):
+        assert result.refined_ids[-1] == eos_id(tokenizer)
+
+
+def test_two_steps_continue_from_the_first(suite, tokenizer) -> None:
+    request = suite.requests[0]
+    one = suite.batched[0]
+    config = RefineConfig(method=request.config.method, candidates=CANDIDATES, steps=2)
+    [two] = suite.refiner.refine([RefineRequest(request.prompt_ids, request.output_ids, config)])
+    assert 1 <= two.steps <= 2
+    assert {e["step"] for e in two.edits} <= set(range(two.steps))
+    # The first step is the one-step run; the second never loses ground.
+    assert [e for e in two.edits if e["step"] == 0] == one.edits
+    assert two.objective_after["total"] >= one.objective_after["total"] - 1e-6
+    assert two.candidates_scored >= one.candidates_scored
+    if two.steps == 2 and two.candidates_scored > one.candidates_scored:
+        assert two.objective_after["total"] >= one.objective_after["total"]
+    assert replay(two, eos_id(tokenizer)) == two.refined_ids
+    [rescored] = suite.refiner.score(request.prompt_ids, [two.refined_ids], config)
+    assert rescored["total"] == pytest.approx(two.objective_after["total"], abs=TOL)
+
+
+def test_output_of_only_eos_or_nothing_is_handled(suite, tokenizer) -> None:
+    prompt = chat_prompt(tokenizer, "Say nothing.")
+    eos = eos_id(tokenizer)
+    only_eos, empty = suite.refiner.refine(
+        [
+            RefineRequest(prompt, [eos], RefineConfig(candidates=4)),
+            RefineRequest(prompt, [], RefineConfig(candidates=4)),
+        ]
+    )
+    assert only_eos.refined_ids[-1] == eos and only_eos.refined_ids.count(eos) == 1
+    assert eos not in empty.refined_ids
+    for result in (only_eos, empty):
+        assert result.objective_after["total"] >= result.objective_before["total"]
+        assert math.isfinite(result.objective_after["total"])
+
+
+def test_special_tokens_in_the_initial_body_are_not_kept(suite, tokenizer) -> None:
+    prompt = chat_prompt(tokenizer, "Name a colour.")
+    eos = eos_id(tokenizer)
+    bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    body = tokenizer.encode("Blue sky", add_special_tokens=False)
+    output = body[:1] + [bos] + body[1:] + [eos]
+    [result] = suite.refiner.refine([RefineRequest(prompt, output, RefineConfig(candidates=4))])
+    refined_body, tail = split_eos(result.refined_ids, eos)
+    assert tail == [eos]
+    assert not special_ids(tokenizer) & set(refined_body)
+
+
+# -- scoring with the shared-prefix cache -------------------------------------------------------------
+
+
+def candidate_outputs(output: list[int], filler: int) -> list[list[int]]:
+    """A replacement at every position, a deletion or insertion at every other one, and ``output``."""
+    out = [list(output)]
+    for k in range(len(output)):
+        out.append(output[:k] + [filler] + output[k + 1 :])
+        if k % 2 == 0:
+            out.append(output[:k] + output[k + 1 :] or [filler])
+        else:
+            out.append(output[:k] + [filler] + output[k:])
+    return out
+
+
+@pytest.mark.parametrize("prompt_coverage", [0.0, 0.5], ids=["no-attention", "prompt-coverage"])
+def test_scores_with_prefix_reuse_equal_scores_without(
+    suite, tokenizer, monkeypatch, prompt_coverage
+) -> None:
+    runner = suite.refiner.runner
+    prompts = [chat_prompt(tokenizer, "Name a colour."), chat_prompt(tokenizer, CASES[2][0])]
+    outputs = [output_ids(tokenizer, "Blue is nice."), output_ids(tokenizer, "A dog plays in the park.")]
+    weights = {"prompt_coverage": prompt_coverage}
+    configs = [
+        RefineConfig(keywords=("dog",), target_length=6, weights=weights),
+        RefineConfig(length_penalty=0.6, weights=weights),
+    ]
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    state = runner.encode_prompts(prompts)
+    current, *_ = runner.gradient_pass(state, [0, 1], outputs, texts, configs)
+
+    filler = tokenizer.encode(" dog", add_special_tokens=False)[0]
+    rows, cands = [], []
+    for row, output in enumerate(outputs):
+        for cand in candidate_outputs(output, filler):
+            rows.append(row)
+            cands.append(cand)
+    cand_texts = [tokenizer.decode(c, skip_special_tokens=True) for c in cands]
+    cand_configs = [configs[r] for r in rows]
+    monkeypatch.setattr(runner, "chunk_size", 5)  # several chunks, each starting at a different prefix
+    reused, reused_parts = runner.score(state, rows, cands, cand_texts, cand_configs, current)
+    full, full_parts = runner.score(state, rows, cands, cand_texts, cand_configs, None)
+    torch.testing.assert_close(reused, full, atol=TOL, rtol=1e-5)
+    objective = suite.refiner.objective
+    for c, config in enumerate(cand_configs):
+        # Inactive terms are NaN or filler depending on which chunk a candidate landed in: only the
+        # terms that apply to the candidate's request are compared (the ones its report shows).
+        for term in objective.active_terms(config):
+            if objective.weight(term, config) > 0 or not term.needs_attention:
+                a, b = float(reused_parts[term.name][c]), float(full_parts[term.name][c])
+                assert a == pytest.approx(b, abs=TOL), (term.name, c)
+    if prompt_coverage:
+        assert torch.isfinite(full_parts["prompt_coverage"]).all()
+
+    # And the same as scoring each prompt on its own through the public API (no left padding).
+    for row in (0, 1):
+        idx = [i for i, r in enumerate(rows) if r == row]
+        alone = suite.refiner.score(prompts[row], [cands[i] for i in idx], configs[row])
+        assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
