@@ -14,7 +14,7 @@ METHODS = ("coordinate", "gradient", "hybrid")
 DEFAULT_WEIGHTS: dict[str, float] = {
     "logprob": 1.0,
     "length": 1.0,
-    "keywords": 1.0,
+    "keywords": 3.0,
     "prompt_coverage": 0.0,
 }
 
