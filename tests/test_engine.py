@@ -8,9 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 from prometheus_client import REGISTRY
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from app.engine import (
     Engine,
@@ -24,7 +22,8 @@ from app.engine import (
 from refiners import RefineConfig, Refiner, RefineRequest
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.generation import BatchGenerator, GenerationOutput, SamplingParams
-from refiners.models import LoadedModel, _converted_embedded, default_cache_dir, prepare_model
+from refiners.models import LoadedModel
+from tests.tiny_models import embedded_tokenizer, tiny_llama
 
 POISON = 777  # a prompt holding this token makes the model produce NaN logits (see poison_model)
 REFINE = RefineConfig(candidates=4, keywords=("cat",))
@@ -32,19 +31,7 @@ REFINE = RefineConfig(candidates=4, keywords=("cat",))
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    tokenizer = AutoTokenizer.from_pretrained(_converted_embedded(default_cache_dir()))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return prepare_model(LlamaForCausalLM(config), tokenizer, model_id="tiny-llama")
+    return tiny_llama(embedded_tokenizer())
 
 
 @pytest.fixture(scope="module")

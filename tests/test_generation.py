@@ -4,47 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from refiners.errors import InvalidRequestError
 from refiners.generation import BatchGenerator, IncrementalDetokenizer, SamplingParams
-from refiners.models import LoadedModel, _converted_embedded, default_cache_dir, prepare_model
+from refiners.models import LoadedModel
+from tests.tiny_models import embedded_tokenizer, tiny_gpt2, tiny_llama
 
 PROMPTS = ["Hello there, how are you", "Hi", "A much longer prompt that goes on and on for quite a while"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(_converted_embedded(default_cache_dir()))
-
-
-def tiny_llama(tokenizer) -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return prepare_model(LlamaForCausalLM(config), tokenizer, model_id="tiny-llama")
-
-
-def tiny_gpt2(tokenizer) -> LoadedModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    return prepare_model(GPT2LMHeadModel(config), tokenizer, model_id="tiny-gpt2")
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
