@@ -422,6 +422,9 @@ class Engine:
             assert self.refiner is not None
             requests = [self._refine_request(batch[i], outputs[i]) for i in to_refine]
             refinements = dict(zip(to_refine, self.refiner.refine(requests), strict=True))
+        for outs in outputs:  # the caches are not needed past refinement: free them now
+            for out in outs:
+                out.prompt_cache = None
         refine_seconds = time.monotonic() - refine_started if to_refine else 0.0
 
         results = []
@@ -482,8 +485,12 @@ class Engine:
             p = owners[row]
             return p.cancelled or time.monotonic() > p.deadline
 
+        # Refinement reuses the prompts' KV caches from generation instead of running them again.
+        keep = any(p.job.refine is not None and p.job.best_of == 1 for p in owners)
         started = time.monotonic()
-        outs = self.generator.generate([p.job.prompt_ids for p in owners], params, on_token, cancelled)
+        outs = self.generator.generate(
+            [p.job.prompt_ids for p in owners], params, on_token, cancelled, keep_prompt_cache=keep
+        )
         seconds = time.monotonic() - started
         by_job: dict[int, list[GenerationOutput]] = {id(p): [] for p in batch}
         for p, out in zip(owners, outs, strict=True):
@@ -506,8 +513,11 @@ class Engine:
     @staticmethod
     def _refine_request(p: _Pending, outputs: list[GenerationOutput]) -> RefineRequest:
         assert p.job.refine is not None
-        output_ids = p.job.output_ids if p.job.output_ids is not None else outputs[0].token_ids
-        return RefineRequest(prompt_ids=p.job.prompt_ids, output_ids=list(output_ids), config=p.job.refine)
+        if p.job.output_ids is not None:  # the client sent the output to refine
+            return RefineRequest(p.job.prompt_ids, list(p.job.output_ids), p.job.refine)
+        return RefineRequest(
+            p.job.prompt_ids, list(outputs[0].token_ids), p.job.refine, outputs[0].prompt_cache
+        )
 
     @staticmethod
     def _record(result: JobResult) -> None:

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     refine_default_enabled: bool = True
     refine_default_method: RefineMethod = "coordinate"
     refine_default_steps: int = Field(1, ge=1)
-    refine_default_candidates: int = Field(32, ge=1)
+    refine_default_candidates: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

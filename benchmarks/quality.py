@@ -119,7 +119,10 @@ class QualityRun:
         records: dict[str, dict[str, Any]] = {}
         for initial in INITIALS:
             started = time.perf_counter()
-            [out] = self.generator.generate([prompt], [self.settings.params(initial, seed=item.index)])
+            # As the server does: generation keeps the prompt's KV cache for the refiner.
+            [out] = self.generator.generate(
+                [prompt], [self.settings.params(initial, seed=item.index)], keep_prompt_cache=True
+            )
             gen_s = time.perf_counter() - started
             before = self._objective(prompt, out.token_ids, item)
             records[initial] = _record(
@@ -135,7 +138,14 @@ class QualityRun:
             for method in self.settings.methods:
                 started = time.perf_counter()
                 [res] = self.refiner.refine(
-                    [RefineRequest(prompt, list(out.token_ids), self.settings.refine_config(item, method))]
+                    [
+                        RefineRequest(
+                            prompt,
+                            list(out.token_ids),
+                            self.settings.refine_config(item, method),
+                            out.prompt_cache,
+                        )
+                    ]
                 )
                 refine_s = time.perf_counter() - started
                 after = self._objective(prompt, res.refined_ids, item)

@@ -42,7 +42,7 @@ class RefineConfig:
 
     method: str = "coordinate"
     steps: int = 1
-    candidates: int = 32
+    candidates: int = 16
     keywords: tuple[str, ...] = ()
     length_penalty: float = 1.0
     target_length: int | None = None

@@ -35,6 +35,7 @@ from transformers import (
 
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.models import LoadedModel
+from refiners.scoring import PromptState
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
@@ -120,6 +121,9 @@ class GenerationOutput:
     logprobs: list[float]
     seed: int | None
     prompt_tokens: int
+    # The prompt's KV cache and next-token distribution (``generate(keep_prompt_cache=True)``), for
+    # ``RefineRequest.prompt_cache``: refinement then does not run the prompt again.
+    prompt_cache: PromptState | None = None
 
 
 @dataclass(eq=False)
@@ -138,6 +142,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None  # set when a stop sequence matched (truncated after it)
+    prompt_cache: PromptState | None = None
 
 
 class BatchGenerator:
@@ -167,6 +172,7 @@ class BatchGenerator:
         params: Sequence[SamplingParams],
         on_token: Callable[[int, int, float], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        keep_prompt_cache: bool = False,
     ) -> list[GenerationOutput]:
         """Generate one output per prompt.
 
@@ -177,6 +183,7 @@ class BatchGenerator:
                 in order (row = index in ``prompts``).
             cancelled: ``cancelled(row)`` is asked after each token; True stops that row (its output
                 gets finish_reason "cancelled").
+            keep_prompt_cache: return each prompt's KV cache in ``GenerationOutput.prompt_cache``.
 
         Returns:
             B ``GenerationOutput``, in the order of ``prompts``.
@@ -196,6 +203,12 @@ class BatchGenerator:
         next_pos = positions[:, -1] + 1  # [B] position of each row's next token
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)  # [B, V]
+        if keep_prompt_cache:
+            # Later steps replace the cache's tensors (concatenation), so these stay the prompt's.
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            state = PromptState(kv, mask, mask.sum(-1), torch.log_softmax(logits, -1))
+            for j, row in enumerate(rows):
+                row.prompt_cache = state.row(j)
         active = rows  # rows still decoding; batch row j of every tensor is active[j]
 
         while True:
@@ -333,6 +346,7 @@ class BatchGenerator:
             logprobs=row.logprobs,
             seed=row.seed,
             prompt_tokens=row.prompt_len,
+            prompt_cache=row.prompt_cache,
         )
 
 

@@ -39,11 +39,18 @@ class RefineRequest:
         prompt_ids: the prompt X, as the model saw it (chat template applied).
         output_ids: the initial output Y; a final EOS stays at the end.
         config: what to refine for (method, keywords, weights, ...).
+        prompt_cache: the prompt's KV cache from generation (``GenerationOutput.prompt_cache``), so
+            the refiner does not run the prompt again; None = run it.
     """
 
     prompt_ids: list[int]
     output_ids: list[int]
     config: RefineConfig = field(default_factory=RefineConfig)
+    prompt_cache: PromptState | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_cache is not None and int(self.prompt_cache.lengths[0]) != len(self.prompt_ids):
+            raise ValueError("prompt_cache is not the cache of prompt_ids (their lengths differ)")
 
 
 @dataclass
@@ -137,7 +144,7 @@ class Refiner:
             tracks.append(_Track(r.config, body, tail, text, initial_ids=body + tail))
         gradient_seconds = scoring_seconds = 0.0
         started = time.perf_counter()
-        state = self.runner.encode_prompts([r.prompt_ids for r in requests])
+        state = self._prompt_state(requests)
         gradient_seconds += time.perf_counter() - started
         for step in range(max(t.config.steps for t in tracks)):
             active = [i for i, t in enumerate(tracks) if step < t.config.steps and not t.done]
@@ -168,6 +175,17 @@ class Refiner:
             )
             for t in tracks
         ]
+
+    def _prompt_state(self, requests: Sequence[RefineRequest]) -> PromptState:
+        """The prompts' KV caches: generation's where given, the others computed in one pass."""
+        missing = [i for i, r in enumerate(requests) if r.prompt_cache is None]
+        if len(missing) == len(requests):
+            return self.runner.encode_prompts([r.prompt_ids for r in requests])
+        rows = {i: r.prompt_cache for i, r in enumerate(requests) if r.prompt_cache is not None}
+        if missing:
+            encoded = self.runner.encode_prompts([requests[i].prompt_ids for i in missing])
+            rows |= {i: encoded.row(j) for j, i in enumerate(missing)}
+        return PromptState.stack([rows[i] for i in range(len(requests))])
 
     # -- one step -------------------------------------------------------------------------------
     def _gradient_step(

@@ -38,6 +38,38 @@ class PromptState:
     lengths: torch.Tensor
     next_logprobs: torch.Tensor
 
+    def row(self, i: int) -> PromptState:
+        """Row i alone, without its left padding (views of this state's tensors)."""
+        pad = self.mask.shape[1] - int(self.lengths[i])
+        return PromptState(
+            [(k[i : i + 1, :, pad:], v[i : i + 1, :, pad:]) for k, v in self.kv],
+            self.mask[i : i + 1, pad:],
+            self.lengths[i : i + 1],
+            self.next_logprobs[i : i + 1],
+        )
+
+    @staticmethod
+    def stack(rows: Sequence[PromptState]) -> PromptState:
+        """One left-padded batch of single-row states, in new tensors (so states made under
+        ``torch.inference_mode``, as generation's are, can take part in a gradient pass)."""
+        width = max(r.mask.shape[1] for r in rows)
+
+        def left_pad(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+            shape = list(parts[0].shape)
+            shape[0], shape[dim] = len(parts), width
+            out = parts[0].new_zeros(shape)
+            for b, part in enumerate(parts):
+                out[b : b + 1].narrow(dim, width - part.shape[dim], part.shape[dim]).copy_(part)
+            return out
+
+        kv = [
+            (left_pad([r.kv[layer][0] for r in rows], 2), left_pad([r.kv[layer][1] for r in rows], 2))
+            for layer in range(len(rows[0].kv))
+        ]
+        mask = left_pad([r.mask for r in rows], 1)
+        next_logprobs = torch.cat([r.next_logprobs for r in rows]).clone()
+        return PromptState(kv, mask, mask.sum(-1), next_logprobs)
+
 
 @dataclass
 class OutputPass:
@@ -99,11 +131,14 @@ class ModelRunner:
         tokenizer: PreTrainedTokenizerBase,
         objective: Objective,
         chunk_size: int = 64,
+        pass_overhead: float = 32.0,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"scoring chunk_size must be >= 1, got {chunk_size}")
         self.model, self.tokenizer, self.objective, self.chunk_size = model, tokenizer, objective, chunk_size
         self.device = next(model.parameters()).device
+        # The fixed cost of one scoring pass, in token rows: about 32 for a small model on a CPU.
+        self.pass_overhead = pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @contextmanager
@@ -143,59 +178,86 @@ class ModelRunner:
         attention: bool = False,
         full_distributions: bool = False,
         prefix: CurrentOutputs | None = None,
-        start: int = 0,
+        starts: torch.Tensor | None = None,
     ) -> OutputPass:
-        """Forward C outputs (ids: (C, L)) after their prompts (``rows``: (C,) indices into ``state``).
+        """Forward C outputs (ids: (C, L), right-padded) after their prompts (``rows``: (C,) indices
+        into ``state``).
 
-        With ``prefix`` and ``start`` > 0, the first ``start`` tokens of every output equal those of
-        its row's current output: their keys/values, log-probabilities and attention are taken from
-        ``prefix`` and only positions ``start``.. are computed.
+        With ``prefix`` and ``starts`` (C,), output c shares its first starts[c] tokens with its row's
+        current output: their keys/values, log-probabilities and attention are taken from ``prefix``
+        and only the suffix from starts[c] on is computed. Suffixes are left-aligned (the shared
+        prefixes are right-aligned against them in the cache, masked where shorter), so a pass costs
+        its longest suffix, not its longest output.
         """
+        count, width = ids.shape
+        s = starts if starts is not None else torch.zeros(count, dtype=torch.long, device=self.device)
         kv = [(k[rows], v[rows]) for k, v in state.kv]
-        prompt_mask = state.mask[rows]
-        if start:
-            assert prefix is not None
+        past_mask = [state.mask[rows]]
+        shared = int(s.max()) if count else 0
+        pre = None
+        if prefix is not None:
             pre = torch.tensor([prefix.index[int(r)] for r in rows], device=self.device)
+        if shared:
+            assert pre is not None and prefix is not None and inputs_embeds is None
+            # Column j of the shared part holds prefix token s_c - shared + j (masked when negative).
+            src = s[:, None] - shared + torch.arange(shared, device=self.device)
+            past_mask.append((src >= 0).long())
+            index = src.clamp(min=0)[:, None, :, None]
+
+            def take(cached: torch.Tensor) -> torch.Tensor:
+                rows_cache = cached[pre]
+                return rows_cache.gather(2, index.expand(-1, rows_cache.shape[1], -1, rows_cache.shape[3]))
+
             kv = [
-                (torch.cat([k, pk[pre, :, :start]], 2), torch.cat([v, pv[pre, :, :start]], 2))
+                (torch.cat([k, take(pk)], 2), torch.cat([v, take(pv)], 2))
                 for (k, v), (pk, pv) in zip(kv, prefix.kv)
             ]
-        cache = DynamicCache.from_legacy_cache(tuple(kv))
-        positions = state.lengths[rows, None] + torch.arange(start, ids.shape[1], device=self.device)
+        suffix_lengths = mask.sum(1) - s
+        span = max(1, int(suffix_lengths.max()) if count else 1)
+        steps = torch.arange(span, device=self.device)
+        new_mask = (steps < suffix_lengths[:, None]).long()
+        new_ids = ids.gather(1, (s[:, None] + steps).clamp(max=width - 1))
         out = self.model(
-            input_ids=None if inputs_embeds is not None else ids[:, start:],
+            input_ids=None if inputs_embeds is not None else new_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([prompt_mask, mask], dim=1),
-            position_ids=positions,
-            past_key_values=cache,
+            attention_mask=torch.cat([*past_mask, new_mask], dim=1),
+            position_ids=state.lengths[rows, None] + s[:, None] + steps,
+            past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
             use_cache=True,
             output_attentions=attention,
         )
-        # The distribution of y_start comes from the pass before (the prompt's, or the prefix's);
-        # logits at i predict y_{i+1}.
-        first = state.next_logprobs[rows] if not start else prefix.logprobs[pre, start]
-        logprobs = torch.cat([first[:, None], torch.log_softmax(out.logits.float(), -1)], 1)
-        token_logprobs = logprobs[:, :-1].gather(-1, ids[:, start:, None]).squeeze(-1)
-        if start:
-            token_logprobs = torch.cat([prefix.token_logprobs[pre, :start], token_logprobs], 1)
-        token_logprobs = token_logprobs * mask
+        # The distribution of the first computed token comes from the pass before (the prompt's, or
+        # the prefix's: its position 0 is the prompt's); logits at i predict the token at i + 1.
+        first = state.next_logprobs[rows] if pre is None else prefix.logprobs[pre, s]
+        logits = out.logits.float()
+        logprobs = None
+        if full_distributions:
+            logprobs = torch.cat([first[:, None], torch.log_softmax(logits, -1)], 1)
+            new_token_logprobs = logprobs[:, :-1].gather(-1, new_ids[..., None]).squeeze(-1)
+        else:  # only the chosen tokens' log-probabilities: no (C, L, V) log-softmax copy
+            later = logits[:, :-1].gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
+            new_token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
+        prompt_width = state.mask.shape[1]
         per_position = None
         if attention:
-            # (layers, C, heads, L', keys) -> mean over layers and heads, prompt keys only: (C, L', P).
-            width = prompt_mask.shape[1]
-            per_position = torch.stack([a[..., :width].float() for a in out.attentions]).mean((0, 2))
-            if start:
-                per_position = torch.cat([prefix.attention[pre, :start], per_position], 1)
-            per_position = per_position * mask[..., None]
-        kv_out = (
-            [
-                (layer.keys[:, :, prompt_mask.shape[1] :], layer.values[:, :, prompt_mask.shape[1] :])
+            # (layers, C, heads, span, keys) -> mean over layers and heads, prompt keys only.
+            per_position = torch.stack([a[..., :prompt_width].float() for a in out.attentions]).mean((0, 2))
+        if shared:
+            assert prefix is not None and pre is not None
+            new_token_logprobs = _splice(prefix.token_logprobs[pre], new_token_logprobs, s, width)
+            if per_position is not None:
+                assert prefix.attention is not None
+                per_position = _splice(prefix.attention[pre], per_position, s, width)
+        token_logprobs = new_token_logprobs[:, :width] * mask
+        if per_position is not None:
+            per_position = per_position[:, :width] * mask[..., None]
+        kv_out = None
+        if full_distributions:
+            kv_out = [
+                (layer.keys[:, :, prompt_width:], layer.values[:, :, prompt_width:])
                 for layer in out.past_key_values.layers
             ]
-            if full_distributions
-            else None
-        )
-        return OutputPass(token_logprobs, logprobs if full_distributions else None, per_position, kv_out)
+        return OutputPass(token_logprobs, logprobs, per_position, kv_out)
 
     def _batch(
         self,
@@ -263,28 +325,29 @@ class ModelRunner:
         configs: list[RefineConfig],
         current: CurrentOutputs | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Exact objective of C candidate outputs, in chunks of ``chunk_size`` candidates.
+        """Exact objective of C candidate outputs, in passes of at most ``chunk_size`` candidates.
 
         Returns totals (C,) and each term's values {name: (C,)} (NaN where a term is inactive).
         Each candidate reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
-        shares with its row's current output: candidates are sorted by where they first differ, so a
-        chunk only computes from its earliest difference on.
+        shares with its row's current output, so only its suffix from the first difference is computed.
+        Candidates are grouped by suffix length (``plan_passes``) so little of a pass is padding.
         """
         attention = self.objective.needs_attention(configs)
         starts = [self._shared_prefix(current, r, o) for r, o in zip(rows, outputs)]
-        order = sorted(range(len(outputs)), key=lambda c: starts[c])
+        suffixes = [len(o) - st for o, st in zip(outputs, starts)]
+        order = sorted(range(len(outputs)), key=lambda c: -suffixes[c])
         totals = torch.full((len(outputs),), float("nan"), device=self.device)
         parts: dict[str, torch.Tensor] = {
             n: torch.full_like(totals, float("nan")) for n in self.objective.names
         }
         with self._attention_maps(attention):
-            for first in range(0, len(order), self.chunk_size):
-                chunk = order[first : first + self.chunk_size]
+            for first, last in plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead):
+                chunk = order[first:last]
                 row_t = torch.tensor([rows[c] for c in chunk], device=self.device)
                 ids, mask = pad_right([outputs[c] for c in chunk], self.pad_id, self.device)
-                start = min(starts[c] for c in chunk)
+                chunk_starts = torch.tensor([starts[c] for c in chunk], device=self.device)
                 result = self._forward(
-                    state, row_t, ids, mask, attention=attention, prefix=current, start=start
+                    state, row_t, ids, mask, attention=attention, prefix=current, starts=chunk_starts
                 )
                 total, chunk_parts = self.objective.evaluate(
                     self._batch(
@@ -307,4 +370,34 @@ class ModelRunner:
         n = 0
         while n < min(len(ref), len(output)) and ref[n] == output[n]:
             n += 1
-        return min(n, len(output) - 1)
+        return max(0, min(n, len(output) - 1))
+
+
+def plan_passes(suffixes: Sequence[int], max_size: int, overhead: float) -> list[tuple[int, int]]:
+    """Split candidates sorted by decreasing suffix length into passes [first, last) of at most
+    ``max_size``, minimising the computed token rows (size x longest suffix) plus ``overhead`` rows
+    per pass (the fixed cost of a forward: reading every weight once). Exact, by dynamic programming."""
+    n = len(suffixes)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for last in range(1, n + 1):
+        for first in range(max(0, last - max_size), last):
+            cost = best[first] + (last - first) * suffixes[first] + overhead
+            if cost < best[last]:
+                best[last], cut[last] = cost, first
+    passes = []
+    while n:
+        passes.append((cut[n], n))
+        n = cut[n]
+    return passes[::-1]
+
+
+def _splice(prefix: torch.Tensor, suffix: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row c, positions < starts[c] from ``prefix`` (C, Lp, ...), the rest from ``suffix``
+    (C, span, ...) shifted by starts[c]: the (C, width, ...) values of the whole outputs."""
+    cols = torch.arange(width, device=suffix.device)
+    rows = torch.arange(suffix.shape[0], device=suffix.device)[:, None]
+    from_prefix = prefix[rows, cols.clamp(max=prefix.shape[1] - 1)]
+    from_suffix = suffix[rows, (cols - starts[:, None]).clamp(0, suffix.shape[1] - 1)]
+    keep = (cols < starts[:, None]).view(*starts.shape, width, *([1] * (suffix.dim() - 2)))
+    return torch.where(keep, from_prefix, from_suffix)

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from refiners import Edit, RefineConfig, Refiner, RefineRequest, RefineResult, apply_edits
+from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import keyword_present
 from refiners.models import LoadedModel
+from refiners.scoring import plan_passes
 from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids
 
 TOL = 1e-4
@@ -369,3 +371,40 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         idx = [i for i, r in enumerate(rows) if r == row]
         alone = suite.refiner.score(prompts[row], [cands[i] for i in idx], configs[row])
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
+
+
+def test_refining_with_generations_prompt_cache_matches_running_the_prompt(suite, tokenizer) -> None:
+    # The server hands generation's prompt KV cache to the refiner; with it (for some rows, under
+    # inference mode, from a left-padded batch) the step must do exactly what it does without.
+    prompts = [r.prompt_ids for r in suite.requests]
+    params = [SamplingParams(max_new_tokens=6, do_sample=i % 2 == 1, seed=i) for i in range(len(prompts))]
+    outs = BatchGenerator(suite.loaded).generate(prompts, params, keep_prompt_cache=True)
+    configs = [r.config for r in suite.requests]
+    plain = [RefineRequest(p, o.token_ids, c) for p, o, c in zip(prompts, outs, configs)]
+    cached = [
+        RefineRequest(p, o.token_ids, c, o.prompt_cache if i != 1 else None)
+        for i, (p, o, c) in enumerate(zip(prompts, outs, configs))
+    ]
+    for a, b in zip(suite.refiner.refine(plain), suite.refiner.refine(cached)):
+        assert a.refined_ids == b.refined_ids
+        assert a.objective_after["total"] == pytest.approx(b.objective_after["total"], abs=TOL)
+    with pytest.raises(ValueError, match="prompt_cache"):
+        RefineRequest(prompts[0] + [1], outs[0].token_ids, configs[0], outs[0].prompt_cache)
+
+
+def test_scoring_passes_group_candidates_by_suffix_length() -> None:
+    suffixes = [30, 29, 28, 5, 4, 4, 3, 2]
+    # No fixed cost per pass: a pass per distinct length is cheapest; a large one: a single pass.
+    assert plan_passes(suffixes, 8, 0.0) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 6), (6, 7), (7, 8)]
+    assert plan_passes(suffixes, 8, 1000.0) == [(0, 8)]
+    # A fixed cost of 32 rows: the long suffixes and the short ones go in separate passes.
+    assert plan_passes(suffixes, 8, 32.0) == [(0, 3), (3, 8)]
+    # Never more than max_size candidates per pass, and every candidate in exactly one pass.
+    passes = plan_passes([7] * 10, 4, 32.0)
+    assert len(passes) == 3 and all(b - a <= 4 for a, b in passes)
+    assert (
+        [a for a, _ in passes[1:]] == [b for _, b in passes[:-1]]
+        and passes[0][0] == 0
+        and passes[-1][1] == 10
+    )
+    assert plan_passes([], 4, 32.0) == []
