@@ -99,6 +99,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_quality(path: Path, summary: Sequence[dict[str, Any]], title: str) -> Path:
     """Two bar panels per condition: concept coverage (%, with the refine/generation time ratio written
     on each bar) and median judge perplexity."""
@@ -127,12 +136,7 @@ def plot_quality(path: Path, summary: Sequence[dict[str, Any]], title: str) -> P
         ax.tick_params(axis="x", rotation=45)
         for label in ax.get_xticklabels():
             label.set_ha("right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_latency(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
@@ -169,12 +173,7 @@ def plot_latency(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path
         ax.set_ylabel("seconds per request")
         ax.set_title(f"{arch} on {device}")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_throughput(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
@@ -198,12 +197,7 @@ def plot_throughput(path: Path, rows: Sequence[dict[str, Any]], title: str) -> P
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

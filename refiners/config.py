@@ -10,11 +10,14 @@ from refiners.errors import InvalidRequestError
 METHODS = ("coordinate", "gradient", "hybrid")
 
 # Weight of each built-in objective term when the request does not set it. Prompt coverage needs the
-# attention maps (an eager-attention pass), so it is off unless asked for.
+# attention maps (an eager-attention pass), so it is off unless asked for. The keyword weight trades
+# coverage for fluency: on held-out CommonGen items (200-259) one coordinate step at weight 2 raised
+# coverage 67.8% -> 81.1% while the model's own median per-token log-prob fell 0.064 nats; weight 3
+# gave 87.2% for 0.134 nats (chosen with the model's own log-prob, never the benchmark's judge).
 DEFAULT_WEIGHTS: dict[str, float] = {
     "logprob": 1.0,
     "length": 1.0,
-    "keywords": 3.0,
+    "keywords": 2.0,
     "prompt_coverage": 0.0,
 }
 
