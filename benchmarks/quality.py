@@ -43,7 +43,7 @@ from typing import Any
 
 from benchmarks.commongen import DEFAULT_LIMIT, ConceptSet, concept_coverage, load_concept_sets, prompt_ids
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, mean, plot_quality, write_json
-from refiners import METHODS, RefineConfig, Refiner, RefineRequest
+from refiners import DEFAULT_WEIGHTS, METHODS, RefineConfig, Refiner, RefineRequest
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.models import LoadedModel
 
@@ -382,7 +382,13 @@ def run(
         for r in recs:
             r["judge_ppl"] = ppl[r["text"]]
     return {
-        "settings": {**key, "temperature": TEMPERATURE, "best_of": n, "prompts": len(items)},
+        "settings": {
+            **key,
+            "temperature": TEMPERATURE,
+            "best_of": n,
+            "prompts": len(items),
+            "default_weights": DEFAULT_WEIGHTS,
+        },
         "summary": summarise(by_condition, ppl),
         "records": by_condition,
     }
