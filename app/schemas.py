@@ -180,10 +180,7 @@ class PrefillToken(BaseModel):
     logprob: float | None = None
 
 
-class Token(BaseModel):
-    id: int
-    text: str
-    logprob: float | None = None
+class Token(PrefillToken):
     special: bool
 
 

@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from refiners.models import LoadedModel, load_model, prepare_model  # noqa: E402
+from refiners.models import LoadedModel, load_model  # noqa: E402
+from tests.tiny_models import tiny_llama  # noqa: E402
 
 START_TIMEOUT_S = 240.0
 
@@ -88,26 +89,8 @@ def embedded_model() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_model(embedded_model: LoadedModel) -> LoadedModel:
     """A 2-layer random-weight Llama with the embedded model's tokenizer (and its chat template):
-    every route works, fast, with meaningless text."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = embedded_model.tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=sorted(embedded_model.eos_token_ids)[0],
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    return prepare_model(model, tokenizer, model_id="tiny-random-llama", device="cpu")
+    every route works, fast, with meaningless text. A 4096-token context, as the server's limits expect."""
+    return tiny_llama(embedded_model.tokenizer, seed=0, max_positions=4096)
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,10 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def tiny_llama(
-    tokenizer: PreTrainedTokenizerBase, seed: int = 0, attn_implementation: str = "sdpa"
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    max_positions: int = MAX_POSITIONS,
 ) -> LoadedModel:
     """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with random weights, frozen, on CPU."""
     torch.manual_seed(seed)
@@ -60,7 +63,7 @@ def tiny_llama(
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         eos_token_id=eos_id(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation=attn_implementation,
