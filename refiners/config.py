@@ -10,14 +10,18 @@ from refiners.errors import InvalidRequestError
 METHODS = ("coordinate", "gradient", "hybrid")
 
 # Weight of each built-in objective term when the request does not set it. Prompt coverage needs the
-# attention maps (an eager-attention pass), so it is off unless asked for. The keyword weight trades
-# coverage for fluency: on held-out CommonGen items (200-259) one coordinate step at weight 2 raised
-# coverage 67.8% -> 81.1% while the model's own median per-token log-prob fell 0.064 nats; weight 3
-# gave 87.2% for 0.134 nats (chosen with the model's own log-prob, never the benchmark's judge).
+# attention maps (an eager-attention pass), so it is off unless asked for. Keywords trade against
+# fluency, and the prompt names the keywords, so log p(Y | X) alone prices a keyword pushed in anywhere
+# cheaply; the fluency term (log p(Y) without the prompt) prices how the text reads on its own. Chosen
+# on held-out CommonGen items 200-259 (one coordinate step on greedy outputs, 16 candidates), by the
+# model's own prompt-free log-prob, never the benchmark's judge: keywords 2 / fluency 0 raised coverage
+# 67.8% -> 81.1% but lowered the median prompt-free log-prob per token by 0.2 nats; keywords 3 /
+# fluency 0.5 gave 77.2% with it unchanged (-3.61 -> -3.62); fluency 1 kept only +4 points.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "logprob": 1.0,
+    "fluency": 0.5,
     "length": 1.0,
-    "keywords": 2.0,
+    "keywords": 3.0,
     "prompt_coverage": 0.0,
 }
 

@@ -40,6 +40,8 @@ class CandidateBatch:
         prompt_attention: (C, P) for each prompt position j, sum over output positions t of the
             attention a_tj (mean over heads and layers); None unless a term needs it.
         prompt_mask: (C, P) 1.0 for real prompt tokens; None with ``prompt_attention``.
+        free_token_logprobs: (C, L) log p(y_t | y_<t) of the output read on its own, after a
+            document-start token instead of the prompt; None unless a term needs it.
     """
 
     token_logprobs: torch.Tensor
@@ -48,6 +50,7 @@ class CandidateBatch:
     configs: list[RefineConfig]
     prompt_attention: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
+    free_token_logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -61,6 +64,7 @@ class ObjectiveTerm:
     default_weight: float = 1.0
     differentiable: bool = False  # built from tensors of the pass, so it can steer the gradient
     needs_attention: bool = False
+    needs_free_context: bool = False  # reads ``free_token_logprobs`` (a second, prompt-free pass)
 
     def active(self, config: RefineConfig) -> bool:
         """Whether the term applies to a request (an inactive term scores 0 and is not reported)."""
@@ -76,6 +80,12 @@ def gnmt_length_normaliser(lengths: torch.Tensor, alpha: torch.Tensor | float) -
     return ((5.0 + lengths) / 6.0) ** alpha
 
 
+def normalised_sum(token_logprobs: torch.Tensor, batch: CandidateBatch) -> torch.Tensor:
+    """Sum of token log-probabilities divided by each request's GNMT normaliser."""
+    alpha = torch.tensor([c.length_penalty for c in batch.configs], device=batch.mask.device)
+    return (token_logprobs * batch.mask).sum(-1) / gnmt_length_normaliser(batch.lengths, alpha)
+
+
 class LogProbTerm(ObjectiveTerm):
     """Sum of the output's token log-probabilities divided by ((5 + n) / 6) ** length_penalty."""
 
@@ -83,9 +93,29 @@ class LogProbTerm(ObjectiveTerm):
     differentiable = True
 
     def score(self, batch: CandidateBatch) -> torch.Tensor:
-        alpha = torch.tensor([c.length_penalty for c in batch.configs], device=batch.mask.device)
-        total = (batch.token_logprobs * batch.mask).sum(-1)
-        return total / gnmt_length_normaliser(batch.lengths, alpha)
+        return normalised_sum(batch.token_logprobs, batch)
+
+
+class FluencyTerm(ObjectiveTerm):
+    """The log-probability term of the output read on its own: log p(Y) instead of log p(Y | X).
+
+    The prompt names the keywords, so under p(. | X) a keyword is likely almost anywhere and an
+    awkward insertion costs little; a reader (or another model) sees the text alone. This term
+    prices edits by how the text reads without the prompt: the output after a document-start token
+    (``refiners.scoring.document_start_ids``), normalised like ``logprob``. It costs a second
+    prompt-free row per output in the gradient and scoring passes, so it runs only when weighted.
+    """
+
+    name = "fluency"
+    differentiable = True
+    needs_free_context = True
+
+    def active(self, config: RefineConfig) -> bool:
+        return config.weight(self.name, self.default_weight) > 0
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        assert batch.free_token_logprobs is not None
+        return normalised_sum(batch.free_token_logprobs, batch)
 
 
 class LengthTerm(ObjectiveTerm):
@@ -156,7 +186,7 @@ class RewardTerm(ObjectiveTerm):
 
 
 def default_terms() -> list[ObjectiveTerm]:
-    return [LogProbTerm(), LengthTerm(), KeywordCoverageTerm(), PromptCoverageTerm()]
+    return [LogProbTerm(), FluencyTerm(), LengthTerm(), KeywordCoverageTerm(), PromptCoverageTerm()]
 
 
 class Objective:
@@ -184,6 +214,9 @@ class Objective:
 
     def needs_attention(self, configs: Sequence[RefineConfig]) -> bool:
         return any(t.needs_attention and self.weight(t, c) > 0 for t in self.terms for c in configs)
+
+    def needs_free_context(self, configs: Sequence[RefineConfig]) -> bool:
+        return any(t.needs_free_context and self.weight(t, c) > 0 for t in self.terms for c in configs)
 
     def evaluate(
         self, batch: CandidateBatch, differentiable_only: bool = False

@@ -124,7 +124,7 @@ class Refiner:
         if not outputs:
             return []
         split = [self._split(list(o)) for o in outputs]
-        state = self.runner.encode_prompts([prompt_ids])
+        state = self._with_free_context(self.runner.encode_prompts([prompt_ids]), [config])
         totals, parts = self.runner.score(
             state,
             [0] * len(outputs),
@@ -144,7 +144,7 @@ class Refiner:
             tracks.append(_Track(r.config, body, tail, text, initial_ids=body + tail))
         gradient_seconds = scoring_seconds = 0.0
         started = time.perf_counter()
-        state = self._prompt_state(requests)
+        state = self._with_free_context(self._prompt_state(requests), [r.config for r in requests])
         gradient_seconds += time.perf_counter() - started
         for step in range(max(t.config.steps for t in tracks)):
             active = [i for i, t in enumerate(tracks) if step < t.config.steps and not t.done]
@@ -187,6 +187,10 @@ class Refiner:
             rows |= {i: encoded.row(j) for j, i in enumerate(missing)}
         return PromptState.stack([rows[i] for i in range(len(requests))])
 
+    def _with_free_context(self, state: PromptState, configs: Sequence[RefineConfig]) -> PromptState:
+        """Add the prompts' free twins when a term reads outputs on their own (``FluencyTerm``)."""
+        return self.runner.with_free_context(state) if self.objective.needs_free_context(configs) else state
+
     # -- one step -------------------------------------------------------------------------------
     def _gradient_step(
         self, state: PromptState, tracks: list[_Track], rows: list[int]
@@ -197,24 +201,29 @@ class Refiner:
             state, rows, outputs, [t.text for t in tracks], configs
         )
         inputs = []
+        free = self.objective.needs_free_context(configs)
         for j, t in enumerate(tracks):
             t.total = float(totals[j])
             t.report = self._report(totals, parts, j, t.config)
             if not t.before:
                 t.before = t.report
             m = len(t.body)
+            weights = {term.name: self.objective.weight(term, t.config) for term in self.objective.terms}
+            # What an edit's own tokens change: both log-probability terms, as one weighted sum.
+            logprobs = weights["logprob"] * current.logprobs[j, : m + 1]
+            if free and weights["fluency"] > 0:
+                twin = current.index[state.twins([rows[j]])[0]]
+                logprobs = logprobs + weights["fluency"] * current.logprobs[twin, : m + 1]
             inputs.append(
                 StepInput(
                     body=t.body,
                     tail=t.tail,
                     text=t.text,
                     config=t.config,
-                    weights={
-                        term.name: self.objective.weight(term, t.config) for term in self.objective.terms
-                    },
+                    weights=weights,
                     total=t.total,
                     parts=t.report,
-                    logprobs=current.logprobs[j, : m + 1],
+                    logprobs=logprobs,
                     embeds=embeds[j, :m],
                     grad=grad[j, :m],
                     missing_keywords=[k for k in t.config.keywords if not keyword_present(k, t.text)],

@@ -6,6 +6,10 @@
 - ``gradient_pass`` runs the current outputs with gradients on their input embeddings;
 - ``score`` runs any number of candidate outputs in chunks, each reusing its prompt's cache instead of
   recomputing the prompt, and returns exact objective values.
+
+When a term reads the output on its own (``FluencyTerm``), ``with_free_context`` appends one row per
+prompt holding only a document-start token: the "free twin" of prompt row r is row r + B, and every
+output is run twice in the same passes, once after its prompt and once after its twin.
 """
 
 from __future__ import annotations
@@ -31,12 +35,20 @@ class PromptState:
         mask: (B, P) 1 for real prompt tokens.
         lengths: (B,) real prompt lengths (the first output position of each row).
         next_logprobs: (B, V) log p(. | X): the distribution of the first output token.
+        free_offset: with free twins (``ModelRunner.with_free_context``), the row of prompt 0's twin.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
     lengths: torch.Tensor
     next_logprobs: torch.Tensor
+    free_offset: int | None = None
+
+    def twins(self, rows: Sequence[int]) -> list[int]:
+        """The free-twin row of each prompt row."""
+        if self.free_offset is None:
+            raise ValueError("this prompt state has no free-context rows (see ModelRunner.with_free_context)")
+        return [r + self.free_offset for r in rows]
 
     def row(self, i: int) -> PromptState:
         """Row i alone, without its left padding (views of this state's tensors)."""
@@ -122,6 +134,20 @@ def pad_right(
     return ids, mask
 
 
+def document_start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The context a text is read in "on its own": the token that separates pretraining documents.
+
+    That is ``<|endoftext|>`` where the vocabulary has it (GPT-2, SmolLM, Qwen, GPT-NeoX, ...; chat
+    tokenizers often name another BOS, such as ``<|im_start|>``, that opens a chat turn instead), else
+    the tokenizer's BOS, else its EOS.
+    """
+    vocab = tokenizer.get_vocab()
+    for token_id in (vocab.get("<|endoftext|>"), tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if isinstance(token_id, int):
+            return [token_id]
+    raise ValueError("the tokenizer has no document-start token (<|endoftext|>, BOS or EOS)")
+
+
 class ModelRunner:
     """Runs the model for refinement. Parameters never receive gradients."""
 
@@ -140,6 +166,7 @@ class ModelRunner:
         # The fixed cost of one scoring pass, in token rows: about 32 for a small model on a CPU.
         self.pass_overhead = pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._free_row: PromptState | None = None
 
     @contextmanager
     def _attention_maps(self, wanted: bool) -> Iterator[None]:
@@ -167,6 +194,15 @@ class ModelRunner:
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return PromptState(kv, mask, mask.sum(-1), next_logprobs)
+
+    def with_free_context(self, state: PromptState) -> PromptState:
+        """``state`` followed by one document-start row per prompt (their free twins)."""
+        if self._free_row is None:
+            self._free_row = self.encode_prompts([document_start_ids(self.tokenizer)])
+        count = len(state.lengths)
+        stacked = PromptState.stack([state.row(i) for i in range(count)] + [self._free_row] * count)
+        stacked.free_offset = count
+        return stacked
 
     def _forward(
         self,
@@ -268,13 +304,18 @@ class ModelRunner:
         texts: list[str],
         configs: list[RefineConfig],
     ) -> CandidateBatch:
+        """The batch of C outputs; ``outputs`` holds C rows, or 2C with their free twins after them."""
+        count = len(texts)
+        twins = outputs.token_logprobs.shape[0] > count
+        attention = outputs.prompt_attention
         return CandidateBatch(
-            token_logprobs=outputs.token_logprobs,
+            token_logprobs=outputs.token_logprobs[:count],
             mask=mask.to(outputs.token_logprobs.dtype),
             texts=texts,
             configs=configs,
-            prompt_attention=outputs.prompt_attention,
-            prompt_mask=state.mask[rows].float() if outputs.prompt_attention is not None else None,
+            prompt_attention=attention[:count] if attention is not None else None,
+            prompt_mask=state.mask[rows].float() if attention is not None else None,
+            free_token_logprobs=outputs.token_logprobs[count:] if twins else None,
         )
 
     def gradient_pass(
@@ -290,20 +331,31 @@ class ModelRunner:
         Returns (the pass, kept for prefix reuse; embeddings (C, L, d); dJ/d embeddings (C, L, d) of
         the differentiable terms, 0 at padding; exact term values {name: (C,)}; exact totals (C,)).
         """
+        free = self.objective.needs_free_context(configs)
+        all_rows = rows + (state.twins(rows) if free else [])
         row_t = torch.tensor(rows, device=self.device)
         ids, mask = pad_right(outputs, self.pad_id, self.device)
         embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
         attention = self.objective.needs_attention(configs)
+        copies = len(all_rows) // len(rows)  # each output once per context (prompt, free twin)
         with torch.enable_grad(), self._attention_maps(attention):
-            result = self._forward(state, row_t, ids, mask, embeds, attention, full_distributions=True)
+            result = self._forward(
+                state,
+                torch.tensor(all_rows, device=self.device),
+                ids.repeat(copies, 1),
+                mask.repeat(copies, 1),
+                embeds.repeat(copies, 1, 1),
+                attention,
+                full_distributions=True,
+            )
             batch = self._batch(state, row_t, mask, result, texts, configs)
             smooth, _ = self.objective.evaluate(batch, differentiable_only=True)
             (grad,) = torch.autograd.grad(smooth.sum(), embeds)
         with torch.no_grad():
             assert result.logprobs is not None and result.kv is not None
             current = CurrentOutputs(
-                index={r: i for i, r in enumerate(rows)},
-                ids=[list(o) for o in outputs],
+                index={r: i for i, r in enumerate(all_rows)},
+                ids=[list(o) for o in outputs] * copies,
                 token_logprobs=result.token_logprobs.detach(),
                 logprobs=result.logprobs.detach(),
                 kv=[(k.detach(), v.detach()) for k, v in result.kv],
@@ -327,38 +379,48 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Exact objective of C candidate outputs, in passes of at most ``chunk_size`` candidates.
 
-        Returns totals (C,) and each term's values {name: (C,)} (NaN where a term is inactive).
+        Returns totals (C,) and the values {name: (C,)} of every term active for some candidate.
         Each candidate reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
         shares with its row's current output, so only its suffix from the first difference is computed.
         Candidates are grouped by suffix length (``plan_passes``) so little of a pass is padding.
         """
         attention = self.objective.needs_attention(configs)
-        starts = [self._shared_prefix(current, r, o) for r, o in zip(rows, outputs)]
-        suffixes = [len(o) - st for o, st in zip(outputs, starts)]
-        order = sorted(range(len(outputs)), key=lambda c: -suffixes[c])
-        totals = torch.full((len(outputs),), float("nan"), device=self.device)
-        parts: dict[str, torch.Tensor] = {
-            n: torch.full_like(totals, float("nan")) for n in self.objective.names
-        }
+        count = len(outputs)
+        # With a prompt-free term every candidate is run twice: after its prompt, after its free twin.
+        all_rows = rows + (state.twins(rows) if self.objective.needs_free_context(configs) else [])
+        copies = len(all_rows) // max(1, count)
+        all_outputs = list(outputs) * copies
+        starts = [self._shared_prefix(current, r, o) for r, o in zip(all_rows, all_outputs)]
+        suffixes = [len(o) - st for o, st in zip(all_outputs, starts)]
+        order = sorted(range(len(all_outputs)), key=lambda c: -suffixes[c])
+        ids, mask = pad_right(all_outputs, self.pad_id, self.device)
+        token_logprobs = torch.zeros(ids.shape, device=self.device)
+        per_position = (
+            torch.zeros((*ids.shape, state.mask.shape[1]), device=self.device) if attention else None
+        )
         with self._attention_maps(attention):
             for first, last in plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead):
-                chunk = order[first:last]
-                row_t = torch.tensor([rows[c] for c in chunk], device=self.device)
-                ids, mask = pad_right([outputs[c] for c in chunk], self.pad_id, self.device)
-                chunk_starts = torch.tensor([starts[c] for c in chunk], device=self.device)
+                chunk = torch.tensor(order[first:last], device=self.device)
+                width = int(mask[chunk].sum(1).max())
                 result = self._forward(
-                    state, row_t, ids, mask, attention=attention, prefix=current, starts=chunk_starts
+                    state,
+                    torch.tensor([all_rows[c] for c in order[first:last]], device=self.device),
+                    ids[chunk, :width],
+                    mask[chunk, :width],
+                    attention=attention,
+                    prefix=current,
+                    starts=torch.tensor([starts[c] for c in order[first:last]], device=self.device),
                 )
-                total, chunk_parts = self.objective.evaluate(
-                    self._batch(
-                        state, row_t, mask, result, [texts[c] for c in chunk], [configs[c] for c in chunk]
-                    )
-                )
-                index = torch.tensor(chunk, device=self.device)
-                totals[index] = total.float()
-                for name, value in chunk_parts.items():
-                    parts[name][index] = value.float()
-        return totals, parts
+                token_logprobs[chunk, :width] = result.token_logprobs.float()
+                if per_position is not None and result.attention is not None:
+                    per_position[chunk, :width] = result.attention.float()
+        # Terms see every candidate at once, so a candidate and its free twin meet in one batch.
+        passes = OutputPass(token_logprobs, attention=per_position)
+        row_t = torch.tensor(rows, device=self.device)
+        total, parts = self.objective.evaluate(
+            self._batch(state, row_t, mask[:count], passes, list(texts), list(configs))
+        )
+        return total.float(), {name: value.float() for name, value in parts.items()}
 
     @staticmethod
     def _shared_prefix(current: CurrentOutputs | None, row: int, output: list[int]) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refiners import InvalidRequestError, RefineConfig, Refiner, RefineRequest, RewardTerm
-from refiners.config import MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
+from refiners.config import DEFAULT_WEIGHTS, MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
 from refiners.errors import RefinerError
 from refiners.models import LoadedModel
 from refiners.objective import (
@@ -22,6 +22,7 @@ from refiners.objective import (
     default_terms,
     gnmt_length_normaliser,
 )
+from refiners.scoring import document_start_ids
 from tests.tiny_models import chat_prompt, embedded_tokenizer, output_ids, tiny_llama
 
 PROMPT = "Write one short sentence that uses all of these words: dog, frisbee, park."
@@ -31,11 +32,13 @@ OUTPUT = "A dog plays in the park with a ball."
 def batch(
     logprobs: list[list[float]], lengths: list[int], texts: list[str] | None = None, **config: object
 ) -> CandidateBatch:
-    """A hand-made CandidateBatch: token log-probs (C, L) with the first ``lengths[c]`` tokens real."""
+    """A hand-made CandidateBatch: token log-probs (C, L) with the first ``lengths[c]`` tokens real;
+    the prompt-free log-probs are twice the given ones."""
     lp = torch.tensor(logprobs)
     mask = (torch.arange(lp.shape[1])[None] < torch.tensor(lengths)[:, None]).float()
     texts = texts or [""] * len(lengths)
-    return CandidateBatch(lp * mask, mask, texts, [RefineConfig(**config) for _ in texts])
+    configs = [RefineConfig(**config) for _ in texts]
+    return CandidateBatch(lp * mask, mask, texts, configs, free_token_logprobs=2 * lp * mask)
 
 
 # -- the log-probability term ---------------------------------------------------------------------
@@ -89,20 +92,26 @@ def test_objective_total_is_the_weighted_sum_of_active_terms() -> None:
     config = {"keywords": ("dog", "park"), "target_length": 4, "weights": {"keywords": 3.0, "length": 2.0}}
     b = batch([[-1.0, -1.0, -1.0, -1.0, -1.0]], [5], texts=["A dog."], **config)
     total, parts = Objective(default_terms()).evaluate(b)
-    assert set(parts) == {"logprob", "length", "keywords"}  # prompt coverage has weight 0: not computed
-    logprob, length, keywords = -5.0 / (10 / 6), -0.25, 1.0
+    assert set(parts) == {"logprob", "fluency", "length", "keywords"}  # prompt coverage: weight 0, skipped
+    logprob, fluency, length, keywords = -5.0 / (10 / 6), -10.0 / (10 / 6), -0.25, 1.0
     assert parts["logprob"].item() == pytest.approx(logprob)
+    assert parts["fluency"].item() == pytest.approx(fluency)
     assert parts["length"].item() == pytest.approx(length)
     assert parts["keywords"].item() == pytest.approx(keywords)
-    assert total.item() == pytest.approx(logprob + 2.0 * length + 3.0 * keywords)
+    fluency_weight = DEFAULT_WEIGHTS["fluency"]
+    assert total.item() == pytest.approx(logprob + fluency_weight * fluency + 2.0 * length + 3.0 * keywords)
 
 
 def test_objective_report_lists_total_and_only_active_terms() -> None:
     objective = Objective(default_terms())
     parts = {"logprob": -2.0, "length": -0.5, "keywords": 1.0}
-    assert objective.report(-1.0, parts, RefineConfig()) == {"total": -1.0, "logprob": -2.0}
+    assert objective.report(-1.0, parts, RefineConfig(weights={"fluency": 0})) == {
+        "total": -1.0,
+        "logprob": -2.0,
+    }
     report = objective.report(-1.0, parts, RefineConfig(keywords=("dog",), target_length=3))
     assert report == {"total": -1.0, "logprob": -2.0, "length": -0.5, "keywords": 1.0}
+    assert objective.report(-1.0, parts | {"fluency": -3.0}, RefineConfig())["fluency"] == -3.0
 
 
 def test_objective_rejects_duplicate_term_names() -> None:
@@ -187,6 +196,27 @@ def ids(tokenizer) -> tuple[list[int], list[int]]:
     return chat_prompt(tokenizer, PROMPT), output_ids(tokenizer, OUTPUT)
 
 
+def manual_normalised_logprob(loaded: LoadedModel, context: list[int], output: list[int]) -> float:
+    """sum_t log p(y_t | context, y_<t) / ((5 + n) / 6), from one plain forward over [context; output]."""
+    ids = torch.tensor([context + output])
+    with torch.no_grad():
+        logprobs = loaded.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    chosen = logprobs[len(context) - 1 :].gather(-1, torch.tensor(output)[:, None]).sum()
+    return float(chosen) / ((5 + len(output)) / 6)
+
+
+def test_fluency_term_is_the_log_probability_of_the_output_read_without_the_prompt(sdpa_llama, ids) -> None:
+    prompt, output = ids
+    [score] = Refiner(sdpa_llama).score(prompt, [output], RefineConfig())
+    free = document_start_ids(sdpa_llama.tokenizer)
+    assert free == [sdpa_llama.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    assert score["logprob"] == pytest.approx(manual_normalised_logprob(sdpa_llama, prompt, output), abs=1e-4)
+    assert score["fluency"] == pytest.approx(manual_normalised_logprob(sdpa_llama, free, output), abs=1e-4)
+    assert score["total"] == pytest.approx(score["logprob"] + DEFAULT_WEIGHTS["fluency"] * score["fluency"])
+    [off] = Refiner(sdpa_llama).score(prompt, [output], RefineConfig(weights={"fluency": 0.0}))
+    assert "fluency" not in off and off["total"] == pytest.approx(score["logprob"])
+
+
 def manual_prompt_coverage(loaded: LoadedModel, prompt: list[int], output: list[int]) -> float:
     """Coverage from one plain eager forward over [prompt; output]: attention of each output position
     to each prompt position, mean over layers and heads, summed over output positions."""
@@ -207,7 +237,8 @@ def test_prompt_coverage_is_finite_non_positive_and_matches_the_attention(eager_
     value = score["prompt_coverage"]
     assert math.isfinite(value) and value <= 0.0
     assert value == pytest.approx(manual_prompt_coverage(eager_llama, prompt, output), abs=1e-3)
-    assert score["total"] == pytest.approx(score["logprob"] + 0.5 * value, abs=1e-4)
+    fluency = DEFAULT_WEIGHTS["fluency"] * score["fluency"]
+    assert score["total"] == pytest.approx(score["logprob"] + fluency + 0.5 * value, abs=1e-4)
 
 
 def test_prompt_coverage_switches_an_sdpa_model_to_eager_only_while_needed(
@@ -275,11 +306,12 @@ def test_custom_term_is_scored_reported_and_weighted(sdpa_llama, ids) -> None:
     expected = -sum(len(w.strip(".,!?")) > 4 for w in text.split())
     [default] = refiner.score(prompt, [output], RefineConfig())
     assert default["long_words"] == expected
-    assert default["total"] == pytest.approx(default["logprob"] + 0.5 * expected, abs=1e-4)
-    [heavy] = refiner.score(prompt, [output], RefineConfig(weights={"long_words": 3.0}))
+    fluency = DEFAULT_WEIGHTS["fluency"] * default["fluency"]
+    assert default["total"] == pytest.approx(default["logprob"] + fluency + 0.5 * expected, abs=1e-4)
+    [heavy] = refiner.score(prompt, [output], RefineConfig(weights={"long_words": 3.0, "fluency": 0.0}))
     assert heavy["total"] == pytest.approx(heavy["logprob"] + 3.0 * expected, abs=1e-4)
 
-    config = RefineConfig(candidates=6, weights={"long_words": 2.0})
+    config = RefineConfig(candidates=6, weights={"long_words": 2.0, "fluency": 0.0})
     [result] = refiner.refine([RefineRequest(prompt, output, config)])
     for report, ids_ in (
         (result.objective_before, result.initial_ids),

@@ -185,7 +185,7 @@ def test_result_carries_ids_texts_objectives_edits_and_timings(suite, tokenizer)
         assert result.method == config.method
         assert result.initial_ids == request.output_ids  # canonical ids are kept as given
         assert result.initial_text == tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        expected_terms = {"total", "logprob"} | ({"keywords"} if config.keywords else set())
+        expected_terms = {"total", "logprob", "fluency"} | ({"keywords"} if config.keywords else set())
         assert set(result.objective_before) == expected_terms
         assert set(result.objective_after) == expected_terms
         assert all(math.isfinite(v) for v in result.objective_after.values())
@@ -340,7 +340,7 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         RefineConfig(length_penalty=0.6, weights=weights),
     ]
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    state = runner.encode_prompts(prompts)
+    state = runner.with_free_context(runner.encode_prompts(prompts))
     current, *_ = runner.gradient_pass(state, [0, 1], outputs, texts, configs)
 
     filler = tokenizer.encode(" dog", add_special_tokens=False)[0]

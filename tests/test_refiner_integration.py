@@ -83,7 +83,7 @@ def test_result_fields_are_sane(run: Run) -> None:
         assert result.initial_text == INITIAL
         assert result.refined_ids[-1] in run.loaded.eos_token_ids
         assert result.refined_text == tokenizer.decode(result.refined_ids, skip_special_tokens=True)
-        terms = {"total", "logprob"} | ({"keywords"} if request.config.keywords else set())
+        terms = {"total", "logprob", "fluency"} | ({"keywords"} if request.config.keywords else set())
         assert set(result.objective_before) == terms and set(result.objective_after) == terms
         assert all(
             math.isfinite(v) for v in (*result.objective_before.values(), *result.objective_after.values())

@@ -69,7 +69,9 @@ class StepInput:
         text: decoded current output.
         config: the request's refine config; ``weights``: resolved weight of each term.
         total: exact objective of the current output; ``parts``: its term values.
-        logprobs: (m + 1, V) log p(. | X, y_<i) at body positions 0..m (m = where EOS / a new token goes).
+        logprobs: (m + 1, V) at body positions 0..m (m = where EOS / a new token goes), the weighted
+            sum of the log-probability terms' token distributions: w_logprob * log p(. | X, y_<i)
+            (+ w_fluency * log p(. | y_<i) when the fluency term is on).
         embeds: (m, d) input embeddings of the body; grad: (m, d) dJ/d embeds of the smooth terms.
         missing_keywords: requested keywords the current text does not contain.
         vocab: the shared ``Vocabulary``.
@@ -95,7 +97,7 @@ class StepInput:
 
     @property
     def logprob_sum(self) -> float:
-        """S, the unnormalised sum of output token log-probabilities (from the gradient pass)."""
+        """S, the (weighted) unnormalised sum of output token log-probabilities (gradient pass)."""
         ids = self.body + self.tail
         return float(self.logprobs[torch.arange(len(ids)), torch.tensor(ids)].sum()) if ids else 0.0
 
@@ -104,16 +106,15 @@ class StepInput:
     ) -> torch.Tensor:
         """First-order estimate of the change in J for edits that change S by ``delta_logprob``.
 
-        Exact for the length and keyword terms; the log-probability term uses the estimated
-        change of the token log-probability sum and the exact new length normalisation.
+        Exact for the length and keyword terms; the log-probability terms use the estimated
+        change of the (weighted) token log-probability sum and the exact new length normalisation.
         """
         s, n, alpha = self.logprob_sum, self.length, self.config.length_penalty
         w = self.weights
         new_n = n + delta_length
-        gain = w.get("logprob", 0.0) * (
-            (s + delta_logprob) / gnmt_length_normaliser(torch.tensor(float(max(new_n, 1))), alpha)
-            - s / gnmt_length_normaliser(torch.tensor(float(max(n, 1))), alpha)
-        )
+        gain = (s + delta_logprob) / gnmt_length_normaliser(
+            torch.tensor(float(max(new_n, 1))), alpha
+        ) - s / gnmt_length_normaliser(torch.tensor(float(max(n, 1))), alpha)
         if self.config.target_length:
             t = self.config.target_length
             gain = gain + w.get("length", 0.0) * (abs(n - t) - abs(new_n - t)) / t

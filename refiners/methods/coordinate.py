@@ -6,6 +6,7 @@ embedding matrix E (V, d), is the first-order gain of writing token v at positio
     gain[i, v] = w * (log p(v | X, y_<i) - log p(y_i | X, y_<i)) / lp(n)     # the token's own term
                + (E[v] - E[y_i]) . dJ/de_i                                    # its effect on later tokens
 
+(with the fluency term on, the own term adds w_fluency times the same change without the prompt X).
 The own term is read exactly from the same forward pass. Insertions and deletions reuse those
 distributions (the token that moves into position i is scored by p(. | X, y_<i)); keyword edits add
 their exact coverage gain. The best B proposals are scored exactly; the improving ones that do not
@@ -51,10 +52,12 @@ class CoordinateMethod(RefinementMethod):
         general = self._insertions(inp, max(2, budget // 8))
         if m:
             general += self._replacements(inp, budget) + self._deletions(inp)
-        ranked = proposals + sorted(general, key=lambda p: -p.estimate)
-        # A proposal whose first-order estimate does not raise J is not worth an exact score: on
-        # greedy outputs such edits almost never improve, and scoring is the step's main cost.
-        return dedupe([p for p in ranked if p.estimate > 0], inp.body, budget)
+        # A general edit whose first-order estimate does not raise J is not worth an exact score: on
+        # greedy outputs such edits almost never improve, and scoring is the step's main cost. Keyword
+        # edits are scored anyway: their estimate misses how the text after them adapts (an inserted
+        # word's later effect is not in the gradient), and under the fluency term it is often < 0.
+        general = sorted((p for p in general if p.estimate > 0), key=lambda p: -p.estimate)
+        return dedupe(proposals + general, inp.body, budget)
 
     def _replacements(self, inp: StepInput, k: int) -> list[Proposal]:
         gains = replacement_gains(inp)
