@@ -124,7 +124,7 @@ class Refiner:
         if not outputs:
             return []
         split = [self._split(list(o)) for o in outputs]
-        state = self._with_free_context(self.runner.encode_prompts([prompt_ids]), [config])
+        state = self.runner.prompt_state([prompt_ids], [None], self.objective.needs_free_context([config]))
         totals, parts = self.runner.score(
             state,
             [0] * len(outputs),
@@ -144,7 +144,11 @@ class Refiner:
             tracks.append(_Track(r.config, body, tail, text, initial_ids=body + tail))
         gradient_seconds = scoring_seconds = 0.0
         started = time.perf_counter()
-        state = self._with_free_context(self._prompt_state(requests), [r.config for r in requests])
+        state = self.runner.prompt_state(
+            [r.prompt_ids for r in requests],
+            [r.prompt_cache for r in requests],
+            self.objective.needs_free_context([r.config for r in requests]),
+        )
         gradient_seconds += time.perf_counter() - started
         for step in range(max(t.config.steps for t in tracks)):
             active = [i for i, t in enumerate(tracks) if step < t.config.steps and not t.done]
@@ -176,21 +180,6 @@ class Refiner:
             for t in tracks
         ]
 
-    def _prompt_state(self, requests: Sequence[RefineRequest]) -> PromptState:
-        """The prompts' KV caches: generation's where given, the others computed in one pass."""
-        missing = [i for i, r in enumerate(requests) if r.prompt_cache is None]
-        if len(missing) == len(requests):
-            return self.runner.encode_prompts([r.prompt_ids for r in requests])
-        rows = {i: r.prompt_cache for i, r in enumerate(requests) if r.prompt_cache is not None}
-        if missing:
-            encoded = self.runner.encode_prompts([requests[i].prompt_ids for i in missing])
-            rows |= {i: encoded.row(j) for j, i in enumerate(missing)}
-        return PromptState.stack([rows[i] for i in range(len(requests))])
-
-    def _with_free_context(self, state: PromptState, configs: Sequence[RefineConfig]) -> PromptState:
-        """Add the prompts' free twins when a term reads outputs on their own (``FluencyTerm``)."""
-        return self.runner.with_free_context(state) if self.objective.needs_free_context(configs) else state
-
     # -- one step -------------------------------------------------------------------------------
     def _gradient_step(
         self, state: PromptState, tracks: list[_Track], rows: list[int]
@@ -201,7 +190,6 @@ class Refiner:
             state, rows, outputs, [t.text for t in tracks], configs
         )
         inputs = []
-        free = self.objective.needs_free_context(configs)
         for j, t in enumerate(tracks):
             t.total = float(totals[j])
             t.report = self._report(totals, parts, j, t.config)
@@ -211,7 +199,7 @@ class Refiner:
             weights = {term.name: self.objective.weight(term, t.config) for term in self.objective.terms}
             # What an edit's own tokens change: both log-probability terms, as one weighted sum.
             logprobs = weights["logprob"] * current.logprobs[j, : m + 1]
-            if free and weights["fluency"] > 0:
+            if weights.get("fluency", 0.0) > 0:
                 twin = current.index[state.twins([rows[j]])[0]]
                 logprobs = logprobs + weights["fluency"] * current.logprobs[twin, : m + 1]
             inputs.append(

@@ -7,7 +7,7 @@
 - ``score`` runs any number of candidate outputs in chunks, each reusing its prompt's cache instead of
   recomputing the prompt, and returns exact objective values.
 
-When a term reads the output on its own (``FluencyTerm``), ``with_free_context`` appends one row per
+When a term reads the output on its own (``FluencyTerm``), ``prompt_state`` appends one row per
 prompt holding only a document-start token: the "free twin" of prompt row r is row r + B, and every
 output is run twice in the same passes, once after its prompt and once after its twin.
 """
@@ -35,7 +35,7 @@ class PromptState:
         mask: (B, P) 1 for real prompt tokens.
         lengths: (B,) real prompt lengths (the first output position of each row).
         next_logprobs: (B, V) log p(. | X): the distribution of the first output token.
-        free_offset: with free twins (``ModelRunner.with_free_context``), the row of prompt 0's twin.
+        free_offset: with free twins (``ModelRunner.prompt_state``), the row of prompt 0's twin.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -47,7 +47,7 @@ class PromptState:
     def twins(self, rows: Sequence[int]) -> list[int]:
         """The free-twin row of each prompt row."""
         if self.free_offset is None:
-            raise ValueError("this prompt state has no free-context rows (see ModelRunner.with_free_context)")
+            raise ValueError("this prompt state has no free-context rows (see ModelRunner.prompt_state)")
         return [r + self.free_offset for r in rows]
 
     def row(self, i: int) -> PromptState:
@@ -195,14 +195,32 @@ class ModelRunner:
         next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return PromptState(kv, mask, mask.sum(-1), next_logprobs)
 
-    def with_free_context(self, state: PromptState) -> PromptState:
-        """``state`` followed by one document-start row per prompt (their free twins)."""
-        if self._free_row is None:
-            self._free_row = self.encode_prompts([document_start_ids(self.tokenizer)])
-        count = len(state.lengths)
-        stacked = PromptState.stack([state.row(i) for i in range(count)] + [self._free_row] * count)
-        stacked.free_offset = count
-        return stacked
+    def prompt_state(
+        self, prompts: Sequence[Sequence[int]], caches: Sequence[PromptState | None], free_context: bool
+    ) -> PromptState:
+        """One state for the prompts: the given caches (e.g. generation's), the others computed in
+        one pass, followed by one document-start row per prompt (its free twin) with ``free_context``."""
+        missing = [i for i, c in enumerate(caches) if c is None]
+        if len(missing) == len(prompts) and not free_context:
+            return self.encode_prompts(prompts)
+        rows = {i: c for i, c in enumerate(caches) if c is not None}
+        if missing:
+            encoded = self.encode_prompts([prompts[i] for i in missing])
+            rows |= {i: encoded.row(j) for j, i in enumerate(missing)}
+        twins = []
+        if free_context:
+            if self._free_row is None:
+                self._free_row = self.encode_prompts([document_start_ids(self.tokenizer)])
+            twins = [self._free_row] * len(prompts)
+        state = PromptState.stack([rows[i] for i in range(len(prompts))] + twins)
+        state.free_offset = len(prompts) if free_context else None
+        return state
+
+    def _context_rows(
+        self, state: PromptState, rows: list[int], configs: Sequence[RefineConfig]
+    ) -> list[int]:
+        """The prompt rows to run outputs after: ``rows``, then their free twins when a term needs them."""
+        return rows + (state.twins(rows) if self.objective.needs_free_context(configs) else [])
 
     def _forward(
         self,
@@ -331,8 +349,7 @@ class ModelRunner:
         Returns (the pass, kept for prefix reuse; embeddings (C, L, d); dJ/d embeddings (C, L, d) of
         the differentiable terms, 0 at padding; exact term values {name: (C,)}; exact totals (C,)).
         """
-        free = self.objective.needs_free_context(configs)
-        all_rows = rows + (state.twins(rows) if free else [])
+        all_rows = self._context_rows(state, rows, configs)
         row_t = torch.tensor(rows, device=self.device)
         ids, mask = pad_right(outputs, self.pad_id, self.device)
         embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -387,7 +404,7 @@ class ModelRunner:
         attention = self.objective.needs_attention(configs)
         count = len(outputs)
         # With a prompt-free term every candidate is run twice: after its prompt, after its free twin.
-        all_rows = rows + (state.twins(rows) if self.objective.needs_free_context(configs) else [])
+        all_rows = self._context_rows(state, rows, configs)
         copies = len(all_rows) // max(1, count)
         all_outputs = list(outputs) * copies
         starts = [self._shared_prefix(current, r, o) for r, o in zip(all_rows, all_outputs)]

@@ -340,7 +340,7 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         RefineConfig(length_penalty=0.6, weights=weights),
     ]
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    state = runner.with_free_context(runner.encode_prompts(prompts))
+    state = runner.prompt_state(prompts, [None, None], free_context=True)
     current, *_ = runner.gradient_pass(state, [0, 1], outputs, texts, configs)
 
     filler = tokenizer.encode(" dog", add_special_tokens=False)[0]
