@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from refiners.config import METHODS
+from refiners.config import METHODS, RefineConfig
 from refiners.models import EMBEDDED_MODEL
 
 RefineMethod = Literal["coordinate", "gradient", "hybrid"]
@@ -59,9 +59,10 @@ class Settings(BaseSettings):
 
     # Refinement defaults (when a request omits `refine` or some of its fields)
     refine_default_enabled: bool = True
-    refine_default_method: RefineMethod = "coordinate"
-    refine_default_steps: int = Field(1, ge=1)
-    refine_default_candidates: int = Field(16, ge=1)
+    # (the library's defaults, so a request behaves the same through the server and the library)
+    refine_default_method: RefineMethod = RefineConfig.method
+    refine_default_steps: int = Field(RefineConfig.steps, ge=1)
+    refine_default_candidates: int = Field(RefineConfig.candidates, ge=1)
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

@@ -313,10 +313,12 @@ def _load_records(path: Path, settings: QualitySettings) -> tuple[dict[int, dict
 
 
 def _settings_key(settings: QualitySettings) -> dict[str, Any]:
+    """What a record depends on, defaults resolved (a record made under other defaults is not reused)."""
     return {
         "methods": list(settings.methods),
         "max_new_tokens": settings.max_new_tokens,
-        "candidates": settings.candidates,
+        "candidates": settings.candidates or RefineConfig().candidates,
+        "weights": dict(DEFAULT_WEIGHTS),
     }
 
 
