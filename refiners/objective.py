@@ -67,7 +67,12 @@ class ObjectiveTerm:
     needs_free_context: bool = False  # reads ``free_token_logprobs`` (a second, prompt-free pass)
 
     def active(self, config: RefineConfig) -> bool:
-        """Whether the term applies to a request (an inactive term scores 0 and is not reported)."""
+        """Whether the term applies to a request (an inactive term scores 0 and is not reported).
+
+        A term that needs extra model work (attention maps, prompt-free rows) runs only when weighted.
+        """
+        if self.needs_attention or self.needs_free_context:
+            return config.weight(self.name, self.default_weight) > 0
         return True
 
     def score(self, batch: CandidateBatch) -> torch.Tensor:
@@ -109,9 +114,6 @@ class FluencyTerm(ObjectiveTerm):
     name = "fluency"
     differentiable = True
     needs_free_context = True
-
-    def active(self, config: RefineConfig) -> bool:
-        return config.weight(self.name, self.default_weight) > 0
 
     def score(self, batch: CandidateBatch) -> torch.Tensor:
         assert batch.free_token_logprobs is not None
@@ -157,9 +159,6 @@ class PromptCoverageTerm(ObjectiveTerm):
     default_weight = 0.0
     differentiable = True
     needs_attention = True
-
-    def active(self, config: RefineConfig) -> bool:
-        return config.weight(self.name, self.default_weight) > 0
 
     def score(self, batch: CandidateBatch) -> torch.Tensor:
         assert batch.prompt_attention is not None and batch.prompt_mask is not None
@@ -212,11 +211,15 @@ class Objective:
     def active_terms(self, config: RefineConfig) -> list[ObjectiveTerm]:
         return [t for t in self.terms if t.active(config)]
 
+    def _weighted(self, configs: Sequence[RefineConfig]) -> list[ObjectiveTerm]:
+        """The terms with a non-zero weight for some of ``configs``."""
+        return [t for t in self.terms if any(self.weight(t, c) > 0 for c in configs)]
+
     def needs_attention(self, configs: Sequence[RefineConfig]) -> bool:
-        return any(t.needs_attention and self.weight(t, c) > 0 for t in self.terms for c in configs)
+        return any(t.needs_attention for t in self._weighted(configs))
 
     def needs_free_context(self, configs: Sequence[RefineConfig]) -> bool:
-        return any(t.needs_free_context and self.weight(t, c) > 0 for t in self.terms for c in configs)
+        return any(t.needs_free_context for t in self._weighted(configs))
 
     def evaluate(
         self, batch: CandidateBatch, differentiable_only: bool = False
