@@ -1,7 +1,8 @@
 """The refiner: one (or ``steps``) gradient-guided refinement step(s) over a batch of outputs.
 
 Per step, for the whole batch: one gradient pass over the current outputs (their prompts were run
-once and their KV cache is reused), each request's method proposes candidates, every candidate of
+once and their KV cache is reused), a short lookahead pass over the edits methods shortlist (a few
+tokens each), each request's method proposes candidates, every candidate of
 every request is scored exactly in one batched pass (chunked), the method may combine the improving
 ones (scored in one more small pass), and a request keeps the best candidate only if it raises J.
 Candidates are checked to round-trip through the tokenizer (decode then encode gives the same ids),
@@ -29,6 +30,11 @@ from refiners.scoring import CurrentOutputs, ModelRunner, PromptState
 
 # A candidate must beat the current output by more than float noise between two passes.
 MIN_GAIN = 1e-4
+# Tokens after a shortlisted edit that its lookahead scores exactly. On held-out CommonGen items
+# 320-399 (66 missing keywords, 37 with an improving placement), the best 3 placements by the
+# first-order estimate held an improving one for 11; by exact values over the keyword and 1 / 2 / 3
+# following tokens, for 33 / 36 / 36.
+LOOKAHEAD_TOKENS = 2
 
 
 @dataclass
@@ -247,6 +253,45 @@ class Refiner:
             tracks[j].candidates += 1
         return scored
 
+    def _lookahead(
+        self,
+        state: PromptState,
+        current: CurrentOutputs,
+        tracks: list[_Track],
+        rows: list[int],
+        inputs: list[StepInput],
+        shortlists: list[list[Proposal]],
+    ) -> list[list[Proposal]]:
+        """Give each shortlisted single edit an estimate exact over its new tokens and the
+        LOOKAHEAD_TOKENS after them: one batched pass over those few tokens per edit, after the
+        cached prefix they share with the current output. The rest of the text counts as unchanged.
+        Edits that do not round-trip are dropped."""
+        flat = [(j, p) for j, props in enumerate(shortlists) for p in props if self._round_trips(p.body)]
+        kept: list[list[Proposal]] = [[] for _ in shortlists]
+        if not flat:
+            return kept
+        windows = []
+        for j, p in flat:
+            (edit,) = p.edits
+            windows.append(
+                (p.body + tracks[j].tail)[: edit.position + len(edit.new_tokens) + LOOKAHEAD_TOKENS]
+            )
+        passes, _ = self.runner.token_logprobs(
+            state, [rows[j] for j, _ in flat], windows, [tracks[j].config for j, _ in flat], current
+        )
+        count = len(flat)
+        for c, (j, p) in enumerate(flat):
+            inp, (edit,) = inputs[j], p.edits
+            new = inp.weights["logprob"] * passes.token_logprobs[c]
+            if inp.weights.get("fluency", 0.0) > 0:  # the free twins follow the prompted rows
+                new = new + inp.weights["fluency"] * passes.token_logprobs[count + c]
+            start, grown = edit.position, len(edit.new_tokens) - len(edit.old_tokens)
+            old_end = start + len(edit.old_tokens) + LOOKAHEAD_TOKENS
+            delta = new[start : len(windows[c])].sum() - inp.token_logprobs[start:old_end].sum()
+            p.estimate = float(inp.estimated_gain(delta, grown, int(p.keyword is not None)))
+            kept[j].append(p)
+        return kept
+
     def _score_and_accept(
         self,
         state: PromptState,
@@ -258,7 +303,13 @@ class Refiner:
     ) -> None:
         chosen = [tracks[i] for i in active]
         methods = [self.methods[t.config.method] for t in chosen]
-        proposals = [m.propose(inp, t.config.candidates) for m, inp, t in zip(methods, inputs, chosen)]
+        shortlists = [m.shortlist(inp, t.config.candidates) for m, inp, t in zip(methods, inputs, chosen)]
+        if any(shortlists):
+            shortlists = self._lookahead(state, current, chosen, active, inputs, shortlists)
+        proposals = [
+            m.propose(inp, t.config.candidates, s)
+            for m, inp, t, s in zip(methods, inputs, chosen, shortlists)
+        ]
         scored = self._score_batch(state, current, chosen, active, proposals)
         combos = [
             m.combine(inp, [(p, total) for p, total, _ in s]) for m, inp, s in zip(methods, inputs, scored)

@@ -385,27 +385,25 @@ class ModelRunner:
         return current, embeds.detach(), grad * mask[..., None], parts, total
 
     @torch.no_grad()
-    def score(
+    def token_logprobs(
         self,
         state: PromptState,
         rows: list[int],
         outputs: list[list[int]],
-        texts: list[str],
         configs: list[RefineConfig],
         current: CurrentOutputs | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Exact objective of C candidate outputs, in passes of at most ``chunk_size`` candidates.
+        attention: bool = False,
+    ) -> tuple[OutputPass, torch.Tensor]:
+        """Token log-probabilities of C outputs, in passes of at most ``chunk_size`` outputs.
 
-        Returns totals (C,) and the values {name: (C,)} of every term active for some candidate.
-        Each candidate reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
-        shares with its row's current output, so only its suffix from the first difference is computed.
-        Candidates are grouped by suffix length (``plan_passes``) so little of a pass is padding.
+        Returns (the pass over C rows, or 2C with a prompt-free term: the free twins after them;
+        the (C, L) output mask). Each output reuses its prompt's KV cache and, given ``current``, the
+        cache of the tokens it shares with its row's current output, so only its suffix from the
+        first difference is computed. Outputs are grouped by suffix length (``plan_passes``) so
+        little of a pass is padding.
         """
-        attention = self.objective.needs_attention(configs)
-        count = len(outputs)
-        # With a prompt-free term every candidate is run twice: after its prompt, after its free twin.
         all_rows = self._context_rows(state, rows, configs)
-        copies = len(all_rows) // max(1, count)
+        copies = len(all_rows) // max(1, len(outputs))
         all_outputs = list(outputs) * copies
         starts = [self._shared_prefix(current, r, o) for r, o in zip(all_rows, all_outputs)]
         suffixes = [len(o) - st for o, st in zip(all_outputs, starts)]
@@ -431,11 +429,28 @@ class ModelRunner:
                 token_logprobs[chunk, :width] = result.token_logprobs.float()
                 if per_position is not None and result.attention is not None:
                     per_position[chunk, :width] = result.attention.float()
+        return OutputPass(token_logprobs, attention=per_position), mask[: len(outputs)]
+
+    @torch.no_grad()
+    def score(
+        self,
+        state: PromptState,
+        rows: list[int],
+        outputs: list[list[int]],
+        texts: list[str],
+        configs: list[RefineConfig],
+        current: CurrentOutputs | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Exact objective of C candidate outputs (``token_logprobs`` says how they are run).
+
+        Returns totals (C,) and the values {name: (C,)} of every term active for some candidate.
+        """
+        attention = self.objective.needs_attention(configs)
+        passes, mask = self.token_logprobs(state, rows, outputs, configs, current, attention)
         # Terms see every candidate at once, so a candidate and its free twin meet in one batch.
-        passes = OutputPass(token_logprobs, attention=per_position)
         row_t = torch.tensor(rows, device=self.device)
         total, parts = self.objective.evaluate(
-            self._batch(state, row_t, mask[:count], passes, list(texts), list(configs))
+            self._batch(state, row_t, mask, passes, list(texts), list(configs))
         )
         return total.float(), {name: value.float() for name, value in parts.items()}
 

@@ -166,7 +166,7 @@ def test_non_finite_numbers_are_rejected(kwargs: dict) -> None:
 def test_valid_config_defaults_and_keyword_cleanup() -> None:
     config = RefineConfig(keywords=(" dog ", "", "  ", "park"))
     assert config.keywords == ("dog", "park")
-    assert (config.method, config.steps, config.candidates) == ("coordinate", 1, 12)
+    assert (config.method, config.steps, config.candidates) == ("coordinate", 1, 6)
     assert config.weight("logprob", 5.0) == 1.0
     assert config.weight("prompt_coverage", 5.0) == 0.0
     assert config.weight("custom", 5.0) == 5.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import refiners.refiner as refiner_module
 from refiners import Edit, RefineConfig, Refiner, RefineRequest, RefineResult, apply_edits
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import keyword_present
@@ -371,6 +372,31 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         idx = [i for i, r in enumerate(rows) if r == row]
         alone = suite.refiner.score(prompts[row], [cands[i] for i in idx], configs[row])
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
+
+
+def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
+    suite, tokenizer, monkeypatch
+) -> None:
+    # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
+    # the output, its estimate must be the edit's exact change of J.
+    monkeypatch.setattr(refiner_module, "LOOKAHEAD_TOKENS", 1000)
+    method = suite.refiner.methods["coordinate"]
+    seen: list = []
+    original = method.propose
+
+    def propose(inp, budget, shortlisted=()):
+        seen.extend(shortlisted)
+        return original(inp, budget, shortlisted)
+
+    monkeypatch.setattr(method, "propose", propose)
+    prompt, text, eos, _, keywords = CASES[1]
+    prompt_ids, output = chat_prompt(tokenizer, prompt), output_ids(tokenizer, text, eos)
+    config = RefineConfig(candidates=CANDIDATES, keywords=keywords)
+    [result] = suite.refiner.refine([RefineRequest(prompt_ids, output, config)])
+    assert len(seen) > CANDIDATES  # more placements looked at than scored in full
+    exact = suite.refiner.score(prompt_ids, [p.body + output[-1:] for p in seen], config)
+    gains = [e["total"] - result.objective_before["total"] for e in exact]
+    assert [p.estimate for p in seen] == pytest.approx(gains, abs=TOL)
 
 
 def test_refining_with_generations_prompt_cache_matches_running_the_prompt(suite, tokenizer) -> None:

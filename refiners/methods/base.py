@@ -3,10 +3,13 @@
 A method turns one gradient pass into candidate outputs (``propose``) and, once those are scored
 exactly, may offer combinations of the improving ones (``combine``). The ``Refiner`` scores every
 proposal of every request in one batched pass and keeps a candidate only when it raises the objective.
+A method may first ``shortlist`` single edits for a lookahead: the refiner replaces their estimates
+by exact values over the edit's tokens and the few after it, so ``propose`` ranks them well.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,10 +99,15 @@ class StepInput:
         return len(self.body) + len(self.tail)
 
     @property
-    def logprob_sum(self) -> float:
-        """S, the (weighted) unnormalised sum of output token log-probabilities (gradient pass)."""
+    def token_logprobs(self) -> torch.Tensor:
+        """(n,) the (weighted) log-probability of each current output token (gradient pass)."""
         ids = self.body + self.tail
-        return float(self.logprobs[torch.arange(len(ids)), torch.tensor(ids)].sum()) if ids else 0.0
+        return self.logprobs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)]
+
+    @property
+    def logprob_sum(self) -> float:
+        """S, the (weighted) unnormalised sum of output token log-probabilities."""
+        return float(self.token_logprobs.sum())
 
     def estimated_gain(
         self, delta_logprob: torch.Tensor, delta_length: int, delta_keywords: int = 0
@@ -140,8 +148,13 @@ class RefinementMethod:
 
     name = "method"
 
-    def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
-        """Return at most ``budget`` candidate outputs to score exactly."""
+    def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
+        """Single-edit proposals worth a lookahead before ``propose`` ranks them (none by default)."""
+        return []
+
+    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
+        """Return at most ``budget`` candidate outputs to score exactly. ``shortlisted``: this
+        method's shortlist, with estimates made exact over each edit's lookahead window."""
         raise NotImplementedError
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:

@@ -9,11 +9,15 @@ embedding matrix E (V, d), is the first-order gain of writing token v at positio
 (with the fluency term on, the own term adds w_fluency times the same change without the prompt X).
 The own term is read exactly from the same forward pass. Insertions and deletions reuse those
 distributions (the token that moves into position i is scored by p(. | X, y_<i)); keyword edits add
-their exact coverage gain. The best B proposals are scored exactly; the improving ones that do not
-overlap are then combined and scored too, and the refiner keeps the best candidate if it improves J.
+their exact coverage gain. Keyword placements are ranked by a lookahead instead (``shortlist``: the
+refiner scores each one's tokens and the few after it exactly). The best B proposals are scored
+exactly; the improving ones that do not overlap are then combined and scored too, and the refiner
+keeps the best candidate if it improves J.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -21,6 +25,10 @@ from refiners.edits import Edit
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, make_proposal
 
 MAX_COMBINED_EDITS = 4
+# Keyword placements given a lookahead, per candidate of the budget. The first-order estimate orders
+# placements poorly (the text after an inserted word adapts, and it sees only a keyword's first
+# token); exact values over the placement and the tokens after it order them well (see refiner.py).
+LOOKAHEAD_PER_CANDIDATE = 3
 
 
 def replacement_gains(inp: StepInput) -> torch.Tensor:
@@ -41,14 +49,23 @@ class CoordinateMethod(RefinementMethod):
 
     name = "coordinate"
 
-    def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
+    def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
+        """The keyword placements worth a lookahead: LOOKAHEAD_PER_CANDIDATE x budget in all."""
+        if not inp.missing_keywords:
+            return []
+        share = max(1, LOOKAHEAD_PER_CANDIDATE * budget // len(inp.missing_keywords))
+        return [p for kw in inp.missing_keywords for p in self._keyword_edits(inp, kw)[:share]]
+
+    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
         m = len(inp.body)
         proposals: list[Proposal] = []
         if inp.missing_keywords:
-            # Adding a missing keyword is what most often raises J: it gets most of the budget.
+            # Adding a missing keyword is what most often raises J: it gets most of the budget, best
+            # placements first by their lookahead estimates (by first-order ones without a lookahead).
             share = max(1, (budget * 3 // 4) // len(inp.missing_keywords))
             for kw in inp.missing_keywords:
-                proposals += self._keyword_edits(inp, kw)[:share]
+                placements = [p for p in shortlisted if p.keyword == kw] or self._keyword_edits(inp, kw)
+                proposals += sorted(placements, key=lambda p: -p.estimate)[:share]
         general = self._insertions(inp, max(2, budget // 8))
         if m:
             general += self._replacements(inp, budget) + self._deletions(inp)

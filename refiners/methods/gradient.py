@@ -11,6 +11,8 @@ pulled towards it. One gradient pass gives one direction; the step is tried at s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from refiners.edits import Edit
@@ -52,7 +54,7 @@ class GradientMethod(RefinementMethod):
 
     name = "gradient"
 
-    def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
+    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
         m = len(inp.body)
         if not m:
             return []

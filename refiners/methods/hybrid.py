@@ -8,6 +8,8 @@ as a whole still contributes its good positions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, make_proposal
 from refiners.methods.coordinate import CoordinateMethod, dedupe
 from refiners.methods.gradient import GradientMethod
@@ -19,12 +21,14 @@ class HybridMethod(RefinementMethod):
     def __init__(self) -> None:
         self.gradient, self.coordinate = GradientMethod(), CoordinateMethod()
 
-    def propose(self, inp: StepInput, budget: int) -> list[Proposal]:
+    def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
+        return self.coordinate.shortlist(inp, budget)
+
+    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
         projected = self.gradient.propose(inp, max(1, budget // 8))
         singles = [make_proposal(inp, [e], p.estimate) for p in projected for e in p.edits]
-        return dedupe(
-            projected + singles[: budget // 4] + self.coordinate.propose(inp, budget), inp.body, budget
-        )
+        coordinate = self.coordinate.propose(inp, budget, shortlisted)
+        return dedupe(projected + singles[: budget // 4] + coordinate, inp.body, budget)
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
         return self.coordinate.combine(inp, scored)
