@@ -13,6 +13,9 @@ class RefineResult:
     term's name to its unweighted value. ``edits`` lists the accepted edits in the order applied, each
     ``{"op", "position", "old_tokens", "new_tokens", "old_text", "new_text", "step"}``; positions refer
     to the sequence as it was at that step. The refined output never has a lower total than the initial.
+    ``candidates_scored`` counts whole candidates scored exactly (not the few-token lookahead windows);
+    ``scoring_seconds`` covers the lookahead and scoring passes, ``gradient_seconds`` the prompt and
+    gradient passes.
     """
 
     method: str
