@@ -204,6 +204,18 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="refiner-engine", daemon=True)
         self._thread.start()
 
+    def warm_up(self) -> None:
+        """One short generation and refinement, so the first request does not pay one-off costs
+        (the refiner's lazily built state, first-call kernel and allocator set-up). Blocking; run it
+        before serving. Records no metrics."""
+        prompt = self.loaded.tokenizer.encode("Say hello.", add_special_tokens=False)
+        [out] = self.generator.generate(
+            [prompt], [SamplingParams(max_new_tokens=4)], keep_prompt_cache=self.refiner is not None
+        )
+        if self.refiner is not None:
+            config = RefineConfig(keywords=("hello",))
+            self.refiner.refine([RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)])
+
     def stop(self) -> None:
         """Let the running batch finish, stop the worker, and fail the jobs still queued. Blocking."""
         with self._cond:

@@ -74,6 +74,7 @@ class Service:
                 max_queue=s.max_queue,
                 request_timeout_s=s.request_timeout_s,
             )
+            await asyncio.to_thread(engine.warm_up)
             engine.start()
             self.engine = engine
             device, dtype = self.loaded.device.type, str(self.loaded.dtype).removeprefix("torch.")

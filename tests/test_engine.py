@@ -361,3 +361,28 @@ def test_invalid_jobs_are_refused_before_queueing(loaded, make_engine):
             await plain.submit(Job([1, 2], greedy, None))
 
     asyncio.run(main())
+
+
+def test_warm_up_runs_the_model_once_without_counting_as_a_request(loaded, refiner, make_engine):
+    calls: list[int] = []
+    original = refiner.refine
+
+    def counted(requests):
+        calls.append(len(requests))
+        return original(requests)
+
+    refiner.refine = counted  # type: ignore[method-assign]
+    try:
+        tokens = metric("refiner_generated_tokens_total")
+        candidates = metric("refiner_candidates_scored_total")
+        engine = make_engine()
+        engine.warm_up()
+        assert calls == [1]
+        assert metric("refiner_generated_tokens_total") == tokens
+        assert metric("refiner_candidates_scored_total") == candidates
+        result = asyncio.run(
+            engine.submit(Job(encode(loaded, "Hello"), SamplingParams(max_new_tokens=3), RefineConfig()))
+        )
+        assert result.refinement is not None
+    finally:
+        del refiner.refine

@@ -9,16 +9,16 @@ embedding matrix E (V, d), is the first-order gain of writing token v at positio
 (with the fluency term on, the own term adds w_fluency times the same change without the prompt X).
 The own term is read exactly from the same forward pass. Insertions and deletions reuse those
 distributions (the token that moves into position i is scored by p(. | X, y_<i)); keyword edits add
-their exact coverage gain. Keyword placements are ranked by a lookahead instead (``shortlist``: the
-refiner scores each one's tokens and the few after it exactly). The best B proposals are scored
-exactly; the improving ones that do not overlap are then combined and scored too, and the refiner
-keeps the best candidate if it improves J.
+their exact coverage gain.
 
-Every single edit worth scoring goes through the lookahead first (``shortlist``): the keyword
-placements the first-order estimate ranks best, and the general edits (replacements, insertions,
-deletions) it estimates to raise J. ``propose`` then sends to exact scoring only those whose lookahead
-estimate says they can pay: on greedy outputs, general edits with a positive first-order estimate
-almost never raise J (3 of 279 scored on held-out items), and exact scoring is the step's main cost.
+These estimates only choose what to look at. Every single edit worth scoring goes through a lookahead
+first (``shortlist``): the keyword placements the first-order estimate ranks best, and the general edits
+(replacements, insertions, deletions) it estimates to raise J; the refiner scores each one's tokens and
+the few after it exactly. ``propose`` sends to exact scoring at most B of those whose lookahead
+estimate says they can pay: the first-order estimate orders keyword placements poorly, and on greedy
+outputs general edits with a positive first-order estimate almost never raise J (3 of 279 scored on
+held-out items), while exact scoring is the step's main cost. The improving candidates that do not
+overlap are then combined and scored too, and the refiner keeps the best one if it improves J.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class CoordinateMethod(RefinementMethod):
     name = "coordinate"
 
     def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
-        """The single edits worth a lookahead: LOOKAHEAD_PER_CANDIDATE x budget keyword placements,
-        and the ``budget`` general edits whose first-order estimate raises J most."""
+        """The single edits worth a lookahead: LOOKAHEAD_PER_CANDIDATE x budget keyword placements, and
+        GENERAL_LOOKAHEAD_PER_CANDIDATE x budget general edits whose first-order estimate raises J most."""
         placements = []
         if inp.missing_keywords:
             share = max(1, LOOKAHEAD_PER_CANDIDATE * budget // len(inp.missing_keywords))
