@@ -169,3 +169,21 @@ def test_sweep_compares_settings_on_the_same_outputs_and_restores_the_constants(
     assert "longer lookahead" in markdown_table(rows, sweep.TABLE)
     with pytest.raises(SystemExit, match="NO_SUCH_CONSTANT"):
         sweep.run(tiny, load_concept_sets(1), {"bad": {"NO_SUCH_CONSTANT": 1}}, max_new_tokens=4)
+
+
+def test_http_quality_reads_everything_from_the_servers_answers(tiny):
+    from benchmarks import http_quality
+
+    items = load_concept_sets(2)
+    server = start_server(tiny)
+    try:
+        result = http_quality.run(server.url, items, tiny.tokenizer, max_new_tokens=5)
+    finally:
+        server.stop()
+    summary = result["summary"]
+    assert summary["prompts"] == 2 and summary["objective_decreased_frac"] == 0.0
+    assert summary["generate_s_mean"] > 0 and summary["time_ratio_of_sums"] > 0
+    for record, item in zip(result["records"], items):
+        assert record["index"] == item.index and 1 <= record["tokens"] <= 5
+        assert record["objective_after"] >= record["objective_before"]
+    assert "refine/gen" in markdown_table([summary], http_quality.TABLE)
