@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -98,13 +99,13 @@ class StepInput:
         """n, the output length the objective sees (EOS included)."""
         return len(self.body) + len(self.tail)
 
-    @property
+    @cached_property  # read by every estimate: computed once per step
     def token_logprobs(self) -> torch.Tensor:
         """(n,) the (weighted) log-probability of each current output token (gradient pass)."""
         ids = self.body + self.tail
         return self.logprobs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)]
 
-    @property
+    @cached_property
     def logprob_sum(self) -> float:
         """S, the (weighted) unnormalised sum of output token log-probabilities."""
         return float(self.token_logprobs.sum())
