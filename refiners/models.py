@@ -73,11 +73,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+_CONVERSION = 2  # 2: the tokenizer adds no BOS
+
+
 def _converted_embedded(cache_dir: Path) -> Path:
     """Return a directory holding the embedded model as safetensors, converting the GGUF once."""
     gguf = embedded_gguf_path()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    # The conversion's own version is in the key, so a changed conversion replaces old caches.
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{_CONVERSION}".encode()).hexdigest()[:12]
     target = cache_dir / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -91,6 +95,9 @@ def _converted_embedded(cache_dir: Path) -> Path:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Nor does SmolLM2's own tokenizer add a BOS to encoded text: the GGUF one would put a second
+    # <|im_start|> before a chat-templated prompt sent as TGI `inputs`, and the model answers worse.
+    tokenizer.add_bos_token = False
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -96,3 +96,13 @@ def test_result_fields_are_sane(run: Run) -> None:
             assert edit["op"] in ("replace", "insert", "delete")
             assert edit["new_text"] == tokenizer.decode(edit["new_tokens"])
             assert edit["old_text"] == tokenizer.decode(edit["old_tokens"])
+
+
+def test_a_chat_templated_prompt_sent_as_text_tokenizes_to_the_template_ids(embedded_model) -> None:
+    # TGI clients send the templated prompt as `inputs`, which the server encodes with special
+    # tokens on: like SmolLM2's own tokenizer, the embedded one must add no second <|im_start|>.
+    tokenizer = embedded_model.tokenizer
+    messages = [{"role": "user", "content": "Write one short sentence that uses: dog, park."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert tokenizer(text, add_special_tokens=True)["input_ids"] == list(ids)
