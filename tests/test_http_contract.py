@@ -74,7 +74,8 @@ def test_default_request_is_refined_and_reports_refinement(client: httpx.Client)
     assert refinement["refined_text"] == body["generated_text"]
     assert "total" in refinement["objective_before"] and "total" in refinement["objective_after"]
     assert refinement["objective_after"]["total"] >= refinement["objective_before"]["total"]
-    assert 1 <= refinement["candidates_scored"] <= 4
+    # The step always runs; its lookahead may find no candidate worth a full score.
+    assert 0 <= refinement["candidates_scored"] <= 4 and refinement["refine_seconds"] > 0
     assert details["finish_reason"] in ("length", "eos_token", "stop_sequence")
     assert 1 <= details["generated_tokens"] <= NEW_TOKENS
     assert details["seed"] is None  # greedy
