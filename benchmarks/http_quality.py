@@ -47,18 +47,19 @@ def run(url: str, items: list[ConceptSet], tokenizer: Any, max_new_tokens: int) 
                 "inputs": inputs,
                 "parameters": {"max_new_tokens": max_new_tokens, "refine": {"keywords": list(item.concepts)}},
             }
-            answer = http.post("/generate", json=body)
-            answer.raise_for_status()
-            details = answer.json()["details"]
+            response = http.post("/generate", json=body)
+            response.raise_for_status()
+            answer = response.json()
+            details = answer["details"]
             r = details["refinement"]
             records.append(
                 {
                     "index": item.index,
                     "tokens": details["generated_tokens"],
                     "initial": r["initial_text"],
-                    "refined": answer.json()["generated_text"],
+                    "refined": answer["generated_text"],
                     "coverage_initial": concept_coverage(item.concepts, r["initial_text"]),
-                    "coverage_refined": concept_coverage(item.concepts, answer.json()["generated_text"]),
+                    "coverage_refined": concept_coverage(item.concepts, answer["generated_text"]),
                     "objective_before": r["objective_before"]["total"],
                     "objective_after": r["objective_after"]["total"],
                     "generate_s": r["generate_seconds"],

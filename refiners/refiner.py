@@ -34,7 +34,8 @@ MIN_GAIN = 1e-4
 # 320-399 (66 missing keywords, 37 with an improving placement), the best 3 placements by the
 # first-order estimate held an improving one for 11; by exact values over the keyword and 1 / 2 / 3
 # following tokens, for 33 / 36 / 36. One token, with 3 placements per candidate, gave nearly the
-# coverage of two for 3% less time on items 280-359 (+12.1 vs +12.5 points; refine/gen 0.98 vs 1.01).
+# coverage of two for 3% less time on items 280-359 (+12.1 vs +12.5 points; refine/gen 0.98 vs 1.01;
+# measured with half a budget of general edits, before the current whole budget).
 LOOKAHEAD_TOKENS = 1
 
 

@@ -153,9 +153,12 @@ class RefinementMethod:
         """Single-edit proposals worth a lookahead before ``propose`` ranks them (none by default)."""
         return []
 
-    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
+    def propose(
+        self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] | None = None
+    ) -> list[Proposal]:
         """Return at most ``budget`` candidate outputs to score exactly. ``shortlisted``: this
-        method's shortlist, with estimates made exact over each edit's lookahead window."""
+        method's shortlist, with estimates made exact over each edit's lookahead window (edits that do
+        not round-trip dropped); None when no lookahead was run."""
         raise NotImplementedError
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:

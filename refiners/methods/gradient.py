@@ -54,7 +54,9 @@ class GradientMethod(RefinementMethod):
 
     name = "gradient"
 
-    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
+    def propose(
+        self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] | None = None
+    ) -> list[Proposal]:
         m = len(inp.body)
         if not m:
             return []

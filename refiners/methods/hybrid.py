@@ -24,7 +24,9 @@ class HybridMethod(RefinementMethod):
     def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
         return self.coordinate.shortlist(inp, budget)
 
-    def propose(self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] = ()) -> list[Proposal]:
+    def propose(
+        self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] | None = None
+    ) -> list[Proposal]:
         projected = self.gradient.propose(inp, max(1, budget // 8))
         singles = [make_proposal(inp, [e], p.estimate) for p in projected for e in p.edits]
         coordinate = self.coordinate.propose(inp, budget, shortlisted)
