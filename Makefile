@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: install run test lint bench bench-quality bench-speed image-test prometheus clean
+.PHONY: install run test lint bench bench-quality bench-speed bench-soak image-test prometheus clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-quality: $(VENV)/.bench-installed
 
 bench-speed: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.speed
+
+# 30 minutes of mixed load on `refiner serve` (embedded model); not part of `bench`.
+bench-soak: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks.soak --duration 1800 --concurrency 16
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,5 +1,5 @@
-"""Optional API key: when ``REFINER_API_KEY`` is set, every route but ``/health`` needs
-``Authorization: Bearer <key>``.
+"""Optional API key: when ``REFINER_API_KEY`` is set, every route but the probes (``/health``,
+``/ready``) needs ``Authorization: Bearer <key>``.
 
 Done as ASGI middleware rather than a route dependency so that it also covers the built-in routes
 (``/openapi.json``, ``/docs``) and unknown paths, which answer 401 instead of revealing a 404.
@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import error_response
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -10,6 +10,12 @@ If anything fails inside a batch (NaN, out of memory, a bug), each job of the ba
 alone, so a bad request fails by itself and its neighbours still get their answers; the worker
 keeps running.
 
+Cost is bounded per request (``app.admission``): a job is estimated before it is queued, refused when
+over budget or when memory is near the ceiling, and marked small or large. A large job runs alone;
+between its passes and decode steps (``checkpoint``) the worker marks progress, stops the job when
+every caller has left or timed out, and runs one batch of waiting small jobs, so small requests are
+not stuck behind it.
+
 Example (inside a coroutine):
     >>> engine = Engine(loaded, Refiner(loaded)); engine.start()
     >>> result = await engine.submit(Job(prompt_ids, SamplingParams(max_new_tokens=32), RefineConfig()))
@@ -25,13 +31,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from app import metrics
+from app.admission import Admission, JobCost, JobShape, release_free_memory
 from refiners.config import RefineConfig
 from refiners.errors import InvalidRequestError
 from refiners.generation import (
@@ -51,6 +58,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Share of the worker's time that small jobs may take while a large job runs (in its pauses).
+SMALL_SHARE = 0.5
+
+
 class QueueFullError(RuntimeError):
     """The queue already holds ``max_queue`` jobs: the caller should retry later (429 + Retry-After)."""
 
@@ -61,6 +72,10 @@ class RequestTimeoutError(TimeoutError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is not running (not started yet, or shutting down): retry on another replica."""
+
+
+class _Abandoned(Exception):
+    """Raised at a checkpoint when nobody waits for the batch any more (callers left or timed out)."""
 
 
 @dataclass
@@ -150,6 +165,14 @@ class _Pending:
     events: asyncio.Queue | None = None  # set for streamed jobs
     cancelled: bool = False  # the caller left; written by the loop thread, read by the worker
     streamed: int = 0  # tokens already sent; a retry after a batch failure does not send them again
+    cost: JobCost | None = None  # None: no admission budgets (every job small)
+
+    @property
+    def small(self) -> bool:
+        return self.cost is None or self.cost.small
+
+    def abandoned(self, now: float) -> bool:
+        return self.cancelled or now > self.deadline
 
 
 class Engine:
@@ -162,6 +185,8 @@ class Engine:
         batch_window_s: how long the worker waits for more jobs after the first one.
         max_queue: most jobs waiting; ``submit`` beyond that raises ``QueueFullError``.
         request_timeout_s: default time limit of a job, queue time included.
+        admission: the cost budgets (``app.admission``); None = no budgets, every job small.
+        stall_timeout_s: ``stalled`` turns true when work waits and no progress was made for this long.
     """
 
     def __init__(
@@ -172,11 +197,15 @@ class Engine:
         batch_window_s: float = 0.01,
         max_queue: int = 64,
         request_timeout_s: float = 120.0,
+        admission: Admission | None = None,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or batch_window_s < 0 or request_timeout_s <= 0:
             raise ValueError(
                 "max_batch_size and max_queue must be >= 1, batch_window_s >= 0, request_timeout_s > 0"
             )
+        if stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
         self.loaded = loaded
         self.refiner = refiner
         self.generator = BatchGenerator(loaded)
@@ -184,6 +213,12 @@ class Engine:
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
+        self.admission = admission
+        self.stall_timeout_s = stall_timeout_s
+        self._last_progress = time.monotonic()
+        self._running = False  # a batch is being processed (written by the worker only)
+        self._current: list[_Pending] = []  # the top-level batch being processed, and since when
+        self._current_since = 0.0
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -206,8 +241,9 @@ class Engine:
 
     def warm_up(self) -> None:
         """One short generation and refinement, so the first request does not pay one-off costs
-        (the refiner's lazily built state, first-call kernel and allocator set-up). Blocking; run it
-        before serving. Records no metrics."""
+        (the refiner's lazily built state, first-call kernel and allocator set-up), then measure the
+        speeds that turn cost estimates into seconds. Blocking; run it before serving. Records no
+        metrics."""
         prompt = self.loaded.tokenizer.encode("Say hello.", add_special_tokens=False)
         [out] = self.generator.generate(
             [prompt], [SamplingParams(max_new_tokens=4)], keep_prompt_cache=self.refiner is not None
@@ -215,6 +251,54 @@ class Engine:
         if self.refiner is not None:
             config = RefineConfig(keywords=("hello",))
             self.refiner.refine([RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)])
+        if self.admission is not None:
+            self._measure_speed(prompt)
+
+    def _measure_speed(self, prompt: list[int], steps: int = 8, rows: int = 4, width: int = 64) -> None:
+        """Time ``steps`` decode steps, one (rows, width) forward and the scoring of ``rows`` short
+        outputs after a 4 * width-token prompt; the fastest of three tries counts (other work on the
+        machine only ever slows a try down)."""
+        assert self.admission is not None
+        ids = torch.tensor([(prompt * width)[:width]] * rows, device=self.loaded.device)
+        long = min(4 * width, self.loaded.max_position_embeddings // 2)
+        context, outputs = (prompt * long)[:long], [(prompt * steps)[:steps]] * rows
+        tokenizer, text_ids = self.loaded.tokenizer, (prompt * width)[:width]
+        decode, long_decode, forward, scoring, text = [], [], [], [], []
+        for _ in range(3):
+            started = time.perf_counter()
+            self.generator.generate([prompt], [SamplingParams(max_new_tokens=steps)])
+            decode.append((time.perf_counter() - started) / steps)
+            started = time.perf_counter()
+            self.generator.generate([context], [SamplingParams(max_new_tokens=steps)])
+            long_decode.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self.loaded.model(input_ids=ids)
+            forward.append((time.perf_counter() - started) / ids.numel())
+            started = time.perf_counter()
+            tokenizer.encode(tokenizer.decode(text_ids, skip_special_tokens=True), add_special_tokens=False)
+            text.append((time.perf_counter() - started) / len(text_ids))
+            if self.refiner is not None:
+                started = time.perf_counter()
+                self.refiner.score(context, outputs, RefineConfig())
+                scoring.append(time.perf_counter() - started)
+        speed = self.admission.speed
+        speed.decode_step_s, speed.token_row_s, speed.text_token_s = min(decode), min(forward), min(text)
+        prefill = len(context) * speed.token_row_s
+        per_step = (min(long_decode) - prefill) / steps
+        speed.decode_context_token_s = max(0.0, (per_step - speed.decode_step_s) / len(context))
+        if scoring:
+            cost = self.admission.cost_model.estimate(len(context), steps, RefineConfig(), best_of=rows)
+            rest = min(scoring) - (len(context) + cost.refine_token_rows) * speed.token_row_s
+            speed.context_token_s = max(0.0, rest / (cost.refine_context_rows * cost.context_tokens))
+        log.info(
+            "measured speed: %.1f ms per decode step (+%.2f us per context token), %.3f ms per token "
+            "row, %.2f us per context token of a scored row",
+            1e3 * speed.decode_step_s,
+            1e6 * speed.decode_context_token_s,
+            1e3 * speed.token_row_s,
+            1e6 * speed.context_token_s,
+        )
 
     def stop(self) -> None:
         """Let the running batch finish, stop the worker, and fail the jobs still queued. Blocking."""
@@ -233,6 +317,20 @@ class Engine:
     @property
     def queue_size(self) -> int:
         return len(self._queue)
+
+    def stalled(self) -> bool:
+        """True when work waits (queued or running) and the worker made no progress (a decode step, a
+        pass, a finished batch) for ``stall_timeout_s``, or the worker thread is gone: a liveness
+        probe should then restart the server."""
+        if self._thread is None or self._stopping:
+            return False
+        if not self._thread.is_alive():
+            return True
+        busy = self._running or bool(self._queue)
+        return busy and time.monotonic() - self._last_progress > self.stall_timeout_s
+
+    def _progress(self) -> None:
+        self._last_progress = time.monotonic()
 
     # -- event-loop side ------------------------------------------------------------------------------
 
@@ -302,20 +400,68 @@ class Engine:
         params = job.params
         if params.do_sample and params.seed is None:
             params = replace(params, seed=secrets.randbits(62))
+        cost = self._admit(job)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         timeout = job.timeout_s if job.timeout_s is not None else self.request_timeout_s
-        p = _Pending(job, params, loop, loop.create_future(), now, now + timeout)
+        p = _Pending(job, params, loop, loop.create_future(), now, now + timeout, cost=cost)
         if stream:
             p.events = asyncio.Queue()
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 metrics.REJECTED_REQUESTS.labels(reason="queue_full").inc()
                 raise QueueFullError(f"the server is busy ({self.max_queue} requests waiting): retry later")
+            if cost is not None and 0 < (ahead := self._work_ahead(p)) and ahead + cost.seconds > timeout:
+                metrics.REJECTED_REQUESTS.labels(reason="backlog").inc()
+                raise QueueFullError(
+                    f"the server has about {ahead:.0f} s of work ahead of this request, which would not "
+                    f"finish within its {timeout:g} s limit: retry later"
+                )
+            if not self._running and not self._queue:
+                self._progress()  # an idle worker's silence was not a stall
             self._queue.append(p)
             metrics.QUEUE_SIZE.set(len(self._queue))
             self._cond.notify()
         return p
+
+    def _work_ahead(self, p: _Pending) -> float:
+        """Estimated seconds of work that would run before ``p``: the rest of the running batch and the
+        queued jobs ahead of it. Small jobs are batched (``max_batch_size`` share the time of about
+        one) and pass large ones, which only wait, so a small job counts only the small ones.
+        Call with ``self._cond`` held."""
+        ahead = [q for q in self._queue if q.small or not p.small]
+        seconds = sum(q.cost.seconds / (self.max_batch_size if q.small else 1) for q in ahead if q.cost)
+        if self._current and not (p.small and not all(q.small for q in self._current)):
+            running = max((q.cost.seconds for q in self._current if q.cost), default=0.0)
+            seconds += max(0.0, running - (time.monotonic() - self._current_since))
+        return seconds
+
+    def _admit(self, job: Job) -> JobCost | None:
+        """The job's estimated cost; raises when it is over budget or memory is near the ceiling."""
+        if self.admission is None:
+            return None
+        refine = job.refine
+        if job.best_of > 1 and refine is None and self.refiner is not None:
+            refine = RefineConfig()  # the candidates are ranked by the default objective
+        keyword_tokens = 0
+        if refine is not None and refine.keywords:
+            encode = self.loaded.tokenizer.encode
+            # + 2: an inflection ("-es", "-ing") may take more tokens than the form given
+            keyword_tokens = 2 + max(len(encode(" " + k, add_special_tokens=False)) for k in refine.keywords)
+        shape = JobShape(
+            prompt_tokens=len(job.prompt_ids),
+            output_tokens=len(job.output_ids) if job.output_ids is not None else job.params.max_new_tokens,
+            refine=refine,
+            best_of=job.best_of,
+            generate=job.output_ids is None,
+            keyword_tokens=keyword_tokens,
+        )
+        try:
+            return self.admission.admit(shape)
+        except Exception as exc:
+            reason = "memory" if isinstance(exc, RuntimeError) else "too_costly"
+            metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
+            raise
 
     def _cancel(self, p: _Pending) -> None:
         """Drop a job whose caller left or timed out: out of the queue, or its row stops at the next token."""
@@ -329,9 +475,7 @@ class Engine:
 
     @staticmethod
     def _timeout_message(p: _Pending) -> str:
-        return (
-            f"the request did not finish within {p.deadline - p.submitted:g} s: retry with a smaller request"
-        )
+        return f"the request did not finish within {p.deadline - p.submitted:g} s"
 
     # -- answers (called in the worker, run in the job's loop) ----------------------------------------
 
@@ -362,15 +506,24 @@ class Engine:
             if not batch:
                 continue
             metrics.BATCH_SIZE.observe(len(batch))
+            self._running = True
+            self._current, self._current_since = batch, time.monotonic()
+            self._progress()
             try:
                 self._run(batch)
             except Exception as exc:  # a bug outside the per-job handling: answer everyone, keep running
                 log.exception("the engine worker failed on a batch")
                 for p in batch:
                     self._settle(p, error=exc)
+            finally:
+                self._running, self._current = False, []
+                self._progress()
+            if not all(p.small for p in batch):
+                release_free_memory()
 
     def _next_batch(self) -> list[_Pending] | None:
-        """Wait for a job, then up to ``batch_window_s`` for more; None when stopping."""
+        """Wait for a job; a large one runs alone, a small one waits up to ``batch_window_s`` for more
+        small ones (passing over large ones, which keep their place). None when stopping."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -378,9 +531,10 @@ class Engine:
                 return None
             batch = [self._queue.popleft()]
             window_end = time.monotonic() + self.batch_window_s
-            while len(batch) < self.max_batch_size and not self._stopping:
-                if self._queue:
-                    batch.append(self._queue.popleft())
+            while batch[0].small and len(batch) < self.max_batch_size and not self._stopping:
+                more = self._take_small(self.max_batch_size - len(batch), self._memory_left(batch))
+                if more:
+                    batch += more
                     continue
                 remaining = window_end - time.monotonic()
                 if remaining <= 0:
@@ -389,10 +543,65 @@ class Engine:
             metrics.QUEUE_SIZE.set(len(self._queue))
         return [p for p in batch if not p.cancelled]
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _memory_left(self, batch: list[_Pending]) -> float:
+        """What a batch may still add: one request's memory budget is shared by a batch."""
+        if self.admission is None:
+            return float("inf")
+        used = sum(p.cost.memory_bytes for p in batch if p.cost is not None)
+        return self.admission.request_memory_bytes - used
+
+    def _take_small(self, limit: int, memory: float) -> list[_Pending]:
+        """Remove and return up to ``limit`` waiting small jobs, oldest first, within ``memory``.
+        Call with ``self._cond`` held."""
+        taken: list[_Pending] = []
+        for p in list(self._queue):
+            if len(taken) == limit:
+                break
+            need = p.cost.memory_bytes if p.cost is not None else 0
+            if p.small and need <= memory:
+                self._queue.remove(p)
+                taken.append(p)
+                memory -= need
+        return taken
+
+    def _checkpoint(self, batch: list[_Pending], nested: bool) -> Callable[[], None]:
+        """What the batch's passes run between steps: mark progress, stop when nobody waits, and (for
+        a large batch, not itself nested) serve one batch of waiting small jobs."""
+        serves = not nested and not all(p.small for p in batch)
+        started, lent = time.monotonic(), 0.0  # lent: time spent on small jobs in this batch's pauses
+
+        def checkpoint() -> None:
+            nonlocal lent
+            self._progress()
+            now = time.monotonic()
+            if all(p.abandoned(now) for p in batch):
+                raise _Abandoned
+            # Small jobs get at most SMALL_SHARE of the time, so a large job slows down at most
+            # 1 / (1 - SMALL_SHARE) times however many small ones arrive.
+            if serves and self._queue and lent <= SMALL_SHARE * (now - started):
+                with self._cond:
+                    small = self._take_small(self.max_batch_size, self._memory_left([]))
+                    metrics.QUEUE_SIZE.set(len(self._queue))
+                small = [p for p in small if not p.cancelled]
+                if small:
+                    metrics.BATCH_SIZE.observe(len(small))
+                    # Called from inside the large job's passes (inference mode, no grad): the
+                    # small jobs run as they would at the top.
+                    with torch.inference_mode(False), torch.enable_grad():
+                        self._run(small, nested=True)
+                    lent += time.monotonic() - now
+
+        return checkpoint
+
+    def _run(self, batch: list[_Pending], nested: bool = False) -> None:
         """Answer every job of the batch; on failure, retry each job alone so only the bad one fails."""
         try:
-            results = self._process(batch)
+            results = self._process(batch, self._checkpoint(batch, nested))
+        except _Abandoned:
+            self._free_memory()
+            for p in batch:  # their callers have gone or answered 504 already
+                self._settle(p, error=RequestTimeoutError(self._timeout_message(p)))
+            return
         except Exception as exc:
             self._free_memory()
             if len(batch) == 1:
@@ -404,17 +613,19 @@ class Engine:
             )
             for p in batch:
                 if not p.cancelled:
-                    self._run([p])
+                    self._run([p], nested)
             return
         for p, result in results:
             self._settle(p, result=result)
             self._record(result)
 
-    def _process(self, batch: list[_Pending]) -> list[tuple[_Pending, JobResult]]:
+    def _process(
+        self, batch: list[_Pending], checkpoint: Callable[[], None]
+    ) -> list[tuple[_Pending, JobResult]]:
         """Generate, pick best_of candidates and refine, for the whole batch. Answers nobody: a failure
         anywhere raises before any job is answered."""
         started = time.monotonic()
-        outputs, generate_seconds = self._generate(batch)
+        outputs, generate_seconds = self._generate(batch, checkpoint)
         # Jobs still wanted: not cancelled, and not stopped at their deadline during generation (their
         # callers raise RequestTimeoutError by themselves).
         live = [
@@ -433,7 +644,7 @@ class Engine:
         if to_refine:
             assert self.refiner is not None
             requests = [self._refine_request(batch[i], outputs[i]) for i in to_refine]
-            refinements = dict(zip(to_refine, self.refiner.refine(requests), strict=True))
+            refinements = dict(zip(to_refine, self.refiner.refine(requests, checkpoint), strict=True))
         for outs in outputs:  # the caches are not needed past refinement: free them now
             for out in outs:
                 out.prompt_cache = None
@@ -462,7 +673,9 @@ class Engine:
             results.append((p, result))
         return results
 
-    def _generate(self, batch: list[_Pending]) -> tuple[list[list[GenerationOutput]], float]:
+    def _generate(
+        self, batch: list[_Pending], checkpoint: Callable[[], None]
+    ) -> tuple[list[list[GenerationOutput]], float]:
         """One ``generate`` call for every row of the batch: one per job, best_of rows per best_of job.
 
         Returns each job's outputs (empty for jobs with ``output_ids``) and the call's wall time.
@@ -501,7 +714,7 @@ class Engine:
         keep = any(p.job.refine is not None and p.job.best_of == 1 for p in owners)
         started = time.monotonic()
         outs = self.generator.generate(
-            [p.job.prompt_ids for p in owners], params, on_token, cancelled, keep_prompt_cache=keep
+            [p.job.prompt_ids for p in owners], params, on_token, cancelled, keep, checkpoint
         )
         seconds = time.monotonic() - started
         by_job: dict[int, list[GenerationOutput]] = {id(p): [] for p in batch}

@@ -10,6 +10,8 @@ body over ``max_body_bytes``                   413     validation
 missing or wrong API key                       401     authentication
 unknown route / method                         404/405 not_found / method_not_allowed
 engine queue full                              429     overloaded          yes
+request over its cost budget (memory or work)  422     validation
+memory near the process's ceiling              503     overloaded          yes
 model loading / failed to load, engine stopped 503     unavailable         yes
 out of memory in one request                   503     out_of_memory       yes
 request past its time limit                    504     timeout
@@ -30,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.admission import MemoryPressureError
 from app.engine import EngineStoppedError, QueueFullError, RequestTimeoutError
 from refiners.errors import InvalidRequestError, ModelLoadError, NumericalError
 
@@ -130,7 +133,10 @@ def classify(exc: Exception, retry_after_s: int = 1) -> tuple[int, str, str, dic
     if isinstance(exc, InvalidRequestError):
         return 422, str(exc), "validation", {}
     if isinstance(exc, QueueFullError):
-        return 429, f"{exc or 'the request queue is full'}: retry later", "overloaded", retry
+        # The engine's message already says to retry later (and when): do not say it twice.
+        return 429, str(exc) or "the request queue is full: retry later", "overloaded", retry
+    if isinstance(exc, MemoryPressureError):
+        return 503, str(exc), "overloaded", retry
     if isinstance(exc, RequestTimeoutError):
         message = str(exc) or "the request took longer than the server's time limit"
         return 504, f"{message}: ask for fewer tokens or candidates", "timeout", {}
@@ -161,6 +167,7 @@ def install_error_handlers(app: FastAPI) -> None:
         APIError,
         InvalidRequestError,
         QueueFullError,
+        MemoryPressureError,
         RequestTimeoutError,
         NumericalError,
         torch.OutOfMemoryError,

@@ -7,12 +7,12 @@ checked here, so the engine only receives jobs it can run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from app.errors import ValidationFailed
 from app.schemas import GenerateParameters, RefineParameters
 from app.settings import Settings
-from refiners.config import RefineConfig
+from refiners.config import MAX_KEYWORD_TOKENS, RefineConfig
 from refiners.errors import InvalidRequestError
 from refiners.generation import SamplingParams
 
@@ -27,11 +27,15 @@ class JobBuilder:
         settings: defaults (``refine_default_*``) and limits (``max_keywords``, ``max_candidates``,
             ``max_best_of``, ``max_stop_sequences``).
         term_names: names of the objective terms the refiner knows (weights may name only these).
+        count_tokens: the number of tokens of a text in the model's tokenizer (keyword limits).
     """
 
-    def __init__(self, settings: Settings, term_names: Iterable[str]) -> None:
+    def __init__(
+        self, settings: Settings, term_names: Iterable[str], count_tokens: Callable[[str], int]
+    ) -> None:
         self.settings = settings
         self.term_names = tuple(term_names)
+        self.count_tokens = count_tokens
 
     def refine_config(
         self, params: RefineParameters | None, field: str = "parameters.refine"
@@ -46,6 +50,12 @@ class JobBuilder:
             raise ValidationFailed(
                 f"{field}.keywords: at most {s.max_keywords} keywords, got {len(params.keywords)}: send fewer"
             )
+        for k in params.keywords:
+            if (n := self.count_tokens(" " + k)) > MAX_KEYWORD_TOKENS:
+                raise ValidationFailed(
+                    f"{field}.keywords: {k[:20]!r}... is {n} tokens long; a keyword may have at most "
+                    f"{MAX_KEYWORD_TOKENS}: use a shorter word or phrase"
+                )
         candidates = s.refine_default_candidates if params.candidates is None else params.candidates
         if candidates > s.max_candidates:
             raise ValidationFailed(

@@ -56,8 +56,12 @@ QUEUE_SIZE = Gauge("refiner_queue_size", "Jobs waiting in the engine queue.")
 BATCH_SIZE = Histogram("refiner_batch_size", "Jobs per engine batch.", buckets=BATCH_BUCKETS)
 REJECTED_REQUESTS = Counter(
     "refiner_rejected_requests_total",
-    "Requests refused or abandoned by the engine (queue_full | timeout).",
+    "Requests refused or abandoned by the engine (queue_full | backlog | timeout | too_costly | memory).",
     ["reason"],
+)
+MEMORY_LIMIT = Gauge(
+    "refiner_memory_limit_bytes",
+    "The process memory ceiling (compare with process_resident_memory_bytes); near it new work gets 503.",
 )
 MODEL_INFO = Gauge(
     "refiner_model_info", "The served model (value is always 1).", ["model_id", "device", "dtype"]

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from refiners.config import MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
+from refiners.config import (
+    MAX_CANDIDATES,
+    MAX_KEYWORD_CHARS,
+    MAX_KEYWORDS,
+    MAX_LENGTH_PENALTY,
+    MAX_STEPS,
+    MAX_WEIGHT,
+)
 
 MAX_SEED = 2**63 - 1
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-NonEmptyStr = Annotated[str, Field(min_length=1, max_length=1000)]
+KeywordStr = Annotated[str, Field(min_length=1, max_length=MAX_KEYWORD_CHARS)]
 
 
 class _Strict(BaseModel):
+    """Base of every request model. Subclasses' ``model_config`` is merged into this one."""
+
     # NaN/inf would poison the objective; JSON parsers accept them, so refuse them here.
-    model_config = ConfigDict(allow_inf_nan=False)
+    # strict: a JSON string or bool where a number is expected ("8", true) is a client bug, not an
+    # 8 or a 1; an int where a float is expected still counts, as JSON has one number type.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,19 +41,23 @@ class _Strict(BaseModel):
 class RefineParameters(_Strict):
     """What to refine and how; fields left out take the server defaults (see ``GET /info``)."""
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = Field(None, description="false: plain generation; default: server setting")
     method: Literal["coordinate", "gradient", "hybrid"] | None = Field(None, description="refinement method")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="refinement steps")
     candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES, description="edits scored per step")
-    keywords: list[NonEmptyStr] = Field(
+    keywords: list[KeywordStr] = Field(
         default_factory=list, max_length=MAX_KEYWORDS, description="words the output should contain"
     )
-    length_penalty: float = Field(1.0, ge=0, le=100, description="GNMT alpha of the length normalisation")
+    length_penalty: float = Field(
+        1.0, ge=0, le=MAX_LENGTH_PENALTY, description="GNMT alpha of the length normalisation"
+    )
     target_length: int | None = Field(None, ge=1, le=100_000, description="wanted output length in tokens")
-    weights: dict[Annotated[str, Field(min_length=1, max_length=64)], NonNegativeFloat] = Field(
-        default_factory=dict, description="weight of each objective term by name (>= 0)"
+    weights: dict[
+        Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0, le=MAX_WEIGHT)]
+    ] = Field(
+        default_factory=dict, description=f"weight of each objective term by name (0 to {MAX_WEIGHT:g})"
     )
     step_size: float = Field(1.0, gt=0, le=100, description="continuous step of gradient/hybrid methods")
 
@@ -81,7 +95,7 @@ def _reject_unsupported(values: dict[str, Any], fields: dict[str, Any]) -> None:
 class GenerateParameters(_Strict):
     """TGI generation parameters, plus ``refine``."""
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     best_of: int | None = Field(None, ge=1, description="sample N outputs, return the best by the objective")
     decoder_input_details: bool = Field(False, description="return the prompt tokens (prefill)")
@@ -160,10 +174,21 @@ class GenerateRequest(_Strict):
 
 
 class RefineOnlyParameters(_Strict):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
-    refine: RefineParameters | None = None
+    refine: RefineParameters | None = Field(None, description="how to refine; `enabled` must be left out")
     truncate: int | None = Field(None, ge=1, description="keep only the last N input tokens")
+
+    @field_validator("refine")
+    @classmethod
+    def _always_refines(cls, refine: RefineParameters | None) -> RefineParameters | None:
+        # Silently refining anyway would hide the client's mistake; refusing says where to go instead.
+        if refine is not None and refine.enabled is False:
+            raise ValueError(
+                "enabled false is not allowed: /refine always refines, so leave enabled out "
+                "(use /generate with enabled false for plain generation)"
+            )
+        return refine
 
 
 class RefineOnlyRequest(_Strict):
@@ -246,7 +271,7 @@ class ErrorResponse(BaseModel):
 
 
 class _OpenAIBase(_Strict):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="ignored: this server serves one model")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default 1)")
@@ -304,12 +329,12 @@ class CompletionRequest(_OpenAIBase):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -439,5 +464,5 @@ class Info(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "loading", "failed", "stalled", "busy"]
     error: str | None = None

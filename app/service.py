@@ -13,6 +13,7 @@ import logging
 from fastapi import Request
 
 from app import metrics
+from app.admission import MB, Admission
 from app.engine import Engine
 from app.errors import ServiceUnavailable
 from app.jobs import JobBuilder
@@ -63,9 +64,14 @@ class Service:
             if self.loaded is None:
                 log.info("loading model %s on %s (%s)", s.model, s.device, s.dtype)
                 self.loaded = await asyncio.to_thread(load_model, s.model, s.device, s.dtype, s.cache_dir)
-            refiner = await asyncio.to_thread(Refiner, self.loaded, s.scoring_chunk_size)
+            refiner = await asyncio.to_thread(
+                Refiner, self.loaded, s.scoring_chunk_size, scoring_pass_bytes=s.scoring_pass_mb * MB
+            )
             self.tokens = PromptTokenizer(self.loaded.tokenizer, s, self.loaded.max_position_embeddings)
-            self.jobs = JobBuilder(s, refiner.objective.names)
+            tokenizer = self.loaded.tokenizer
+            self.jobs = JobBuilder(
+                s, refiner.objective.names, lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+            )
             engine = Engine(
                 self.loaded,
                 refiner,
@@ -73,12 +79,21 @@ class Service:
                 batch_window_s=s.batch_window_ms / 1000.0,
                 max_queue=s.max_queue,
                 request_timeout_s=s.request_timeout_s,
+                admission=Admission(
+                    refiner.cost,
+                    memory_limit_bytes=s.memory_limit_bytes,
+                    request_memory_bytes=s.request_memory_bytes,
+                    request_seconds=s.request_work_s,
+                    small_seconds=s.small_request_s,
+                ),
+                stall_timeout_s=s.stall_timeout_s,
             )
             await asyncio.to_thread(engine.warm_up)
             engine.start()
             self.engine = engine
             device, dtype = self.loaded.device.type, str(self.loaded.dtype).removeprefix("torch.")
             metrics.MODEL_INFO.labels(model_id=self.loaded.model_id, device=device, dtype=dtype).set(1)
+            metrics.MEMORY_LIMIT.set(s.memory_limit_bytes)
             log.info("model %s ready on %s (%s)", self.loaded.model_id, self.loaded.device, self.loaded.dtype)
         except Exception as exc:  # keep serving /health with the reason rather than dying silently
             self.load_error = f"{type(exc).__name__}: {exc}"

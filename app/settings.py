@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.admission import DEFAULT_MEMORY_SHARE, DEFAULT_REQUEST_SHARE, MB, machine_memory_bytes
 from refiners.config import METHODS, RefineConfig
 from refiners.models import EMBEDDED_MODEL
 
@@ -57,12 +58,48 @@ class Settings(BaseSettings):
     scoring_chunk_size: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")
 
+    # Cost bounds (app.admission): every request is estimated before it is queued
+    memory_limit_mb: int | None = Field(
+        None, ge=256, description="process memory ceiling; default 80% of the machine's or container's"
+    )
+    max_request_memory_mb: int | None = Field(
+        None, ge=64, description="memory one request may need; default a quarter of the ceiling"
+    )
+    max_request_work_s: float | None = Field(
+        None, gt=0, description="estimated work one request may take; default request_timeout_s"
+    )
+    scoring_pass_mb: int = Field(256, ge=16, description="memory budget of one scoring pass")
+    small_request_s: float = Field(
+        4.0,
+        ge=0,
+        description="requests estimated at most this are small: they run between a large one's passes",
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="/health fails when work waits and the engine made no progress this long"
+    )
+
     # Refinement defaults (when a request omits `refine` or some of its fields)
     refine_default_enabled: bool = True
     # (the library's defaults, so a request behaves the same through the server and the library)
     refine_default_method: RefineMethod = RefineConfig.method
     refine_default_steps: int = Field(RefineConfig.steps, ge=1)
     refine_default_candidates: int = Field(RefineConfig.candidates, ge=1)
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        if self.memory_limit_mb is not None:
+            return self.memory_limit_mb * MB
+        return int(DEFAULT_MEMORY_SHARE * machine_memory_bytes())
+
+    @property
+    def request_memory_bytes(self) -> int:
+        if self.max_request_memory_mb is not None:
+            return self.max_request_memory_mb * MB
+        return int(DEFAULT_REQUEST_SHARE * self.memory_limit_bytes)
+
+    @property
+    def request_work_s(self) -> float:
+        return self.max_request_work_s if self.max_request_work_s is not None else self.request_timeout_s
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

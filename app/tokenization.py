@@ -6,12 +6,33 @@ inputs are refused with a 422 that names the limit, and the engine only ever see
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from app.errors import ValidationFailed
 from app.settings import Settings
+
+# Each message's content is rendered as "\ue000<index>\ue001" to find where the template put it.
+# Private-use characters: no template writes them and no jinja filter (trim, upper, ...) changes them.
+_CONTENT_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _plain_text_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """A copy of a fast tokenizer's Rust tokenizer that reads special-token text (``<|im_end|>``) as
+    plain text; ``None`` for a slow (Python) tokenizer.
+
+    A copy, because the switch is state of the tokenizer object: flipping it on the shared tokenizer
+    would race with requests tokenised in other threads (and transformers resets it on every call).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 class PromptTokenizer:
@@ -33,6 +54,9 @@ class PromptTokenizer:
         self.max_new_tokens = settings.max_new_tokens
         self.default_max_new_tokens = settings.default_max_new_tokens
         self.special_ids = frozenset(tokenizer.all_special_ids)
+        # The tokens a chat template marks turns with: what message content must never produce.
+        self.control_ids = frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+        self._plain = _plain_text_tokenizer(tokenizer)
 
     def encode(self, text: str, truncate: int | None = None, field: str = "inputs") -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, as TGI does).
@@ -47,18 +71,77 @@ class PromptTokenizer:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ending with the
-        assistant's turn header."""
+        assistant's turn header.
+
+        Only the template writes control tokens: special-token text inside a message's content
+        (``<|im_end|>\\n<|im_start|>system``) is tokenised as the plain text it is, so a prompt cannot
+        forge a turn. Every other conversation gets exactly the ids of tokenising the whole rendered
+        text, as the model saw in training.
+        """
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValidationFailed("this model has no chat template: use /v1/completions or /generate")
+        contents = [m.get("content") or "" for m in messages]
+        text = self._render(messages)
+        marked = self._render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+        parts = _CONTENT_MARK.split(marked)  # template text, content index, template text, ...
+        if self._plain is not None and _fill(parts, contents) == text:
+            ids = self._encode_marked(parts, contents)
+        else:
+            # The template changed the content (trimmed it, say), so its place in the text is not
+            # known: tokenise the whole text, which is safe only if no content holds a control token.
+            self._refuse_control_tokens(contents)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._check_input(ids, "messages")
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:  # jinja raises TemplateError (e.g. a role order the template refuses)
             raise ValidationFailed(f"messages: the chat template refused them ({exc})") from exc
-        # The template already wrote the special tokens (e.g. <|im_start|>): do not add a BOS on top.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._check_input(ids, "messages")
+
+    def _encode_marked(self, parts: list[str], contents: list[str]) -> list[int]:
+        """Ids of a rendered conversation split into template text (even ``parts``) and the index of
+        the content written between (odd ``parts``).
+
+        Template text keeps its control tokens. All text between two of them, template and content
+        alike, is tokenised as one plain-text run: the ids across a template/content boundary
+        (``"user\\n" + "  Hi"``) are then those of the whole text. The template already wrote its
+        special tokens, so no BOS is added on top.
+        """
+        runs: list[str | int] = [""]
+        for k, part in enumerate(parts):
+            if k % 2:
+                runs[-1] += contents[int(part)]
+                continue
+            enc = self.tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+            start = 0
+            for token_id, (lo, hi) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+                if token_id in self.control_ids:
+                    runs[-1] += part[start:lo]
+                    runs += [token_id, ""]
+                    start = hi
+            runs[-1] += part[start:]
+        assert self._plain is not None
+        ids: list[int] = []
+        for run in runs:
+            if isinstance(run, int):
+                ids.append(run)
+            elif run:
+                ids.extend(self._plain.encode(run, add_special_tokens=False).ids)
+        return ids
+
+    def _refuse_control_tokens(self, contents: list[str]) -> None:
+        for i, content in enumerate(contents):
+            ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
+            found = [t for t in ids if t in self.control_ids]
+            if found:
+                token = self.tokenizer.convert_ids_to_tokens(found[0])
+                raise ValidationFailed(
+                    f"messages[{i}].content contains the control token {token!r}, which this model's chat "
+                    "template cannot keep as plain text: remove it"
+                )
 
     def encode_output(self, text: str) -> list[int]:
         """Token ids of a given output (``POST /refine``): no special tokens, as generated text has none."""
@@ -122,3 +205,17 @@ class PromptTokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
+
+
+def _fill(parts: list[str], contents: list[str]) -> str | None:
+    """The text of template ``parts`` with each content index replaced by that content; ``None`` if an
+    index names no message (the template itself wrote a mark)."""
+    pieces = []
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            pieces.append(part)
+        elif int(part) < len(contents):
+            pieces.append(contents[int(part)])
+        else:
+            return None
+    return "".join(pieces)

@@ -35,6 +35,17 @@ DEFAULT_CANDIDATES = 6
 MAX_STEPS = 8
 MAX_CANDIDATES = 512
 MAX_KEYWORDS = 32
+# A keyword is a word or a short phrase; the lookahead window and every placement grow with its tokens.
+MAX_KEYWORD_CHARS = 64
+MAX_KEYWORD_TOKENS = 16
+# Weights only matter relative to each other and the defaults are 0.5 to 3, so 1000 already lets one
+# term decide alone. Bounded so that weight * term value, and the gradient pass that back-propagates
+# it, stay far inside float32 (3.4e38): a weight of 1e38 overflowed to inf.
+MAX_WEIGHT = 1000.0
+# GNMT's ((5 + n) / 6) ** alpha stays below float32's 3.4e38 for n up to ~390,000 tokens at alpha = 8:
+# ln(3.4e38) = 88.7 >= 8 * ln((5 + n) / 6). At 100 it overflowed from 10 tokens and the logprob term
+# silently became 0. GNMT's own alpha is 0.6 to 1.
+MAX_LENGTH_PENALTY = 8.0
 
 
 @dataclass
@@ -77,15 +88,24 @@ class RefineConfig:
             )
         if len(self.keywords) > MAX_KEYWORDS:
             raise InvalidRequestError(f"at most {MAX_KEYWORDS} keywords, got {len(self.keywords)}")
-        if not math.isfinite(self.length_penalty) or self.length_penalty < 0:
-            raise InvalidRequestError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        for k in self.keywords:
+            if len(k) > MAX_KEYWORD_CHARS:
+                raise InvalidRequestError(
+                    f"keyword {k[:20]!r}... has {len(k)} characters: at most {MAX_KEYWORD_CHARS}"
+                )
+        if not math.isfinite(self.length_penalty) or not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise InvalidRequestError(
+                f"length_penalty must be between 0 and {MAX_LENGTH_PENALTY:g}, got {self.length_penalty}"
+            )
         if self.target_length is not None and self.target_length < 1:
             raise InvalidRequestError(f"target_length must be >= 1 token, got {self.target_length}")
         if not math.isfinite(self.step_size) or self.step_size <= 0:
             raise InvalidRequestError(f"step_size must be > 0, got {self.step_size}")
         for name, w in self.weights.items():
-            if not math.isfinite(w) or w < 0:
-                raise InvalidRequestError(f"weight of term {name!r} must be a finite number >= 0, got {w}")
+            if not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT:
+                raise InvalidRequestError(
+                    f"weight of term {name!r} must be a number >= 0 and <= {MAX_WEIGHT:g}, got {w}"
+                )
 
     def weight(self, term: str, default: float) -> float:
         return self.weights.get(term, DEFAULT_WEIGHTS.get(term, default))

@@ -35,7 +35,7 @@ from transformers import (
 
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.models import LoadedModel
-from refiners.scoring import PromptState
+from refiners.scoring import Checkpoint, PromptState, no_checkpoint
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
@@ -173,6 +173,7 @@ class BatchGenerator:
         on_token: Callable[[int, int, float], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
         keep_prompt_cache: bool = False,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> list[GenerationOutput]:
         """Generate one output per prompt.
 
@@ -184,6 +185,8 @@ class BatchGenerator:
             cancelled: ``cancelled(row)`` is asked after each token; True stops that row (its output
                 gets finish_reason "cancelled").
             keep_prompt_cache: return each prompt's KV cache in ``GenerationOutput.prompt_cache``.
+            checkpoint: run before every decode step; what it raises propagates (the engine uses it
+                to mark progress and to serve small requests during a long generation).
 
         Returns:
             B ``GenerationOutput``, in the order of ``prompts``.
@@ -233,6 +236,7 @@ class BatchGenerator:
                 ids, mask, tokens, next_pos = ids[sel], mask[sel], tokens[sel], next_pos[sel]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)  # [b, T + t + 1]
+            checkpoint()
             logits = self._forward(tokens[:, None], mask, next_pos[:, None], cache)  # [b, V]
             next_pos = next_pos + 1
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refiners.config import RefineConfig
+from refiners.cost import CostModel
 from refiners.keywords import keyword_present
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, Vocabulary
 from refiners.methods.coordinate import CoordinateMethod
@@ -26,7 +27,7 @@ from refiners.methods.hybrid import HybridMethod
 from refiners.models import LoadedModel
 from refiners.objective import Objective, ObjectiveTerm, default_terms
 from refiners.result import RefineResult
-from refiners.scoring import CurrentOutputs, ModelRunner, PromptState
+from refiners.scoring import Checkpoint, CurrentOutputs, ModelRunner, PromptState, no_checkpoint
 
 # A candidate must beat the current output by more than float noise between two passes.
 MIN_GAIN = 1e-4
@@ -84,8 +85,9 @@ class Refiner:
 
     Args:
         loaded: the model and tokenizer (``refiners.models.load_model`` or ``prepare_model``).
-        scoring_chunk_size: candidates per forward pass when scoring (bounds memory).
+        scoring_chunk_size: most candidates per forward pass when scoring.
         extra_terms: custom objective terms added to the built-in ones.
+        scoring_pass_bytes: memory budget of one scoring pass (passes are planned to fit it).
 
     >>> refiner = Refiner(load_model())
     >>> [result] = refiner.refine([RefineRequest(prompt_ids, output_ids, RefineConfig(keywords=("dog",)))])
@@ -93,12 +95,19 @@ class Refiner:
     """
 
     def __init__(
-        self, loaded: LoadedModel, scoring_chunk_size: int = 64, extra_terms: Sequence[ObjectiveTerm] = ()
+        self,
+        loaded: LoadedModel,
+        scoring_chunk_size: int = 64,
+        extra_terms: Sequence[ObjectiveTerm] = (),
+        scoring_pass_bytes: int = 256 * 2**20,
     ) -> None:
         self.tokenizer = loaded.tokenizer
         self.eos_ids = loaded.eos_token_ids
         self.objective = Objective([*default_terms(), *extra_terms])
-        self.runner = ModelRunner(loaded.model, loaded.tokenizer, self.objective, scoring_chunk_size)
+        self.runner = ModelRunner(
+            loaded.model, loaded.tokenizer, self.objective, scoring_chunk_size, pass_bytes=scoring_pass_bytes
+        )
+        self.cost = CostModel(self.runner.shape, self.objective, scoring_pass_bytes)
         self.vocab = Vocabulary(loaded.tokenizer, loaded.model.get_input_embeddings().weight.detach())
         self.methods: dict[str, RefinementMethod] = {
             m.name: m for m in (CoordinateMethod(), GradientMethod(), HybridMethod())
@@ -142,8 +151,14 @@ class Refiner:
         )
         return [self._report(totals, parts, i, config) for i in range(len(outputs))]
 
-    def refine(self, requests: Sequence[RefineRequest]) -> list[RefineResult]:
-        """Refine a batch of outputs; one result per request, in order. Synchronous torch work."""
+    def refine(
+        self, requests: Sequence[RefineRequest], checkpoint: Checkpoint = no_checkpoint
+    ) -> list[RefineResult]:
+        """Refine a batch of outputs; one result per request, in order. Synchronous torch work.
+
+        ``checkpoint()`` runs between passes and between the chunks of a pass; whatever it raises
+        stops the refinement and propagates (the engine stops work that nobody waits for this way).
+        """
         if not requests:
             return []
         tracks = []
@@ -162,11 +177,12 @@ class Refiner:
             active = [i for i, t in enumerate(tracks) if step < t.config.steps and not t.done]
             if not active:
                 break
+            checkpoint()
             started = time.perf_counter()
             inputs, current = self._gradient_step(state, [tracks[i] for i in active], active)
             gradient_seconds += time.perf_counter() - started
             started = time.perf_counter()
-            self._score_and_accept(state, current, tracks, active, inputs, step)
+            self._score_and_accept(state, current, tracks, active, inputs, step, checkpoint)
             scoring_seconds += time.perf_counter() - started
         # Time is spent for the batch as a whole; each request reports its share.
         share = 1.0 / len(tracks)
@@ -235,6 +251,7 @@ class Refiner:
         tracks: list[_Track],
         rows: list[int],
         proposals: list[list[Proposal]],
+        checkpoint: Checkpoint,
     ) -> list[list[tuple[Proposal, float, dict[str, float]]]]:
         """Score every valid proposal of every request in one batched pass."""
         flat = [(j, p) for j, props in enumerate(proposals) for p in props if self._round_trips(p.body)]
@@ -248,6 +265,7 @@ class Refiner:
             [self.decode(p.body) for _, p in flat],
             [tracks[j].config for j, _ in flat],
             current,
+            checkpoint,
         )
         for c, (j, p) in enumerate(flat):
             if torch.isfinite(totals[c]):  # a candidate with NaN scores is dropped, not kept
@@ -263,6 +281,7 @@ class Refiner:
         rows: list[int],
         inputs: list[StepInput],
         shortlists: list[list[Proposal]],
+        checkpoint: Checkpoint,
     ) -> list[list[Proposal]]:
         """Give each shortlisted single edit an estimate exact over its new tokens and the
         LOOKAHEAD_TOKENS after them: one batched pass over those few tokens per edit, after the
@@ -279,7 +298,12 @@ class Refiner:
                 (p.body + tracks[j].tail)[: edit.position + len(edit.new_tokens) + LOOKAHEAD_TOKENS]
             )
         passes, _ = self.runner.token_logprobs(
-            state, [rows[j] for j, _ in flat], windows, [tracks[j].config for j, _ in flat], current
+            state,
+            [rows[j] for j, _ in flat],
+            windows,
+            [tracks[j].config for j, _ in flat],
+            current,
+            checkpoint=checkpoint,
         )
         count = len(flat)
         for c, (j, p) in enumerate(flat):
@@ -302,22 +326,23 @@ class Refiner:
         active: list[int],
         inputs: list[StepInput],
         step: int,
+        checkpoint: Checkpoint,
     ) -> None:
         chosen = [tracks[i] for i in active]
         methods = [self.methods[t.config.method] for t in chosen]
         shortlists = [m.shortlist(inp, t.config.candidates) for m, inp, t in zip(methods, inputs, chosen)]
         if any(shortlists):
-            shortlists = self._lookahead(state, current, chosen, active, inputs, shortlists)
+            shortlists = self._lookahead(state, current, chosen, active, inputs, shortlists, checkpoint)
         proposals = [
             m.propose(inp, t.config.candidates, s)
             for m, inp, t, s in zip(methods, inputs, chosen, shortlists)
         ]
-        scored = self._score_batch(state, current, chosen, active, proposals)
+        scored = self._score_batch(state, current, chosen, active, proposals, checkpoint)
         combos = [
             m.combine(inp, [(p, total) for p, total, _ in s]) for m, inp, s in zip(methods, inputs, scored)
         ]
         if any(combos):
-            for j, extra in enumerate(self._score_batch(state, current, chosen, active, combos)):
+            for j, extra in enumerate(self._score_batch(state, current, chosen, active, combos, checkpoint)):
                 scored[j] += extra
         for t, s in zip(chosen, scored):
             t.steps += 1

@@ -14,7 +14,7 @@ output is run twice in the same passes, once after its prompt and once after its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.config import RefineConfig
+from refiners.cost import ModelShape
 from refiners.errors import NumericalError
 from refiners.objective import CandidateBatch, Objective
 
@@ -93,16 +94,21 @@ class OutputPass:
         attention: (C, L, P) attention of each output position to each prompt position (mean over
             heads and layers), or None.
         kv: per layer, the outputs' own (keys, values) (C, heads, L, head_dim) (with full distributions).
+        attention_sum: (C, P) the attention summed over output positions, when the per-position maps
+            were not kept (scoring: a (C, L, P) tensor over many candidates would dwarf the pass).
     """
 
     token_logprobs: torch.Tensor
     logprobs: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    attention_sum: torch.Tensor | None = None
 
     @property
     def prompt_attention(self) -> torch.Tensor | None:
         """(C, P): for each prompt position, the attention summed over output positions."""
+        if self.attention_sum is not None:
+            return self.attention_sum
         return None if self.attention is None else self.attention.sum(1)
 
 
@@ -148,8 +154,23 @@ def document_start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     raise ValueError("the tokenizer has no document-start token (<|endoftext|>, BOS or EOS)")
 
 
+# What a caller gives the passes to run between chunks: it may raise to stop the work (a deadline,
+# a client that left) or do other work meanwhile (the engine serves small requests there).
+Checkpoint = Callable[[], None]
+
+
+def no_checkpoint() -> None:
+    return None
+
+
 class ModelRunner:
-    """Runs the model for refinement. Parameters never receive gradients."""
+    """Runs the model for refinement. Parameters never receive gradients.
+
+    Args:
+        chunk_size: most outputs in one scoring pass.
+        pass_bytes: memory budget of one scoring pass; passes are planned so that their rows fit it
+            (``ModelShape.pass_row_bytes``), one row at least.
+    """
 
     def __init__(
         self,
@@ -158,10 +179,15 @@ class ModelRunner:
         objective: Objective,
         chunk_size: int = 64,
         pass_overhead: float = 32.0,
+        pass_bytes: int = 256 * 2**20,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"scoring chunk_size must be >= 1, got {chunk_size}")
+        if pass_bytes < 1:
+            raise ValueError(f"scoring pass_bytes must be >= 1, got {pass_bytes}")
         self.model, self.tokenizer, self.objective, self.chunk_size = model, tokenizer, objective, chunk_size
+        self.shape = ModelShape.of(model)
+        self.pass_bytes = pass_bytes
         self.device = next(model.parameters()).device
         # The fixed cost of one scoring pass, in token rows: about 32 for a small model on a CPU.
         self.pass_overhead = pass_overhead
@@ -393,8 +419,10 @@ class ModelRunner:
         configs: list[RefineConfig],
         current: CurrentOutputs | None = None,
         attention: bool = False,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> tuple[OutputPass, torch.Tensor]:
-        """Token log-probabilities of C outputs, in passes of at most ``chunk_size`` outputs.
+        """Token log-probabilities of C outputs, in passes of at most ``chunk_size`` outputs that
+        fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
 
         Returns (the pass over C rows, or 2C with a prompt-free term: the free twins after them;
         the (C, L) output mask). Each output reuses its prompt's KV cache and, given ``current``, the
@@ -410,11 +438,16 @@ class ModelRunner:
         order = sorted(range(len(all_outputs)), key=lambda c: -suffixes[c])
         ids, mask = pad_right(all_outputs, self.pad_id, self.device)
         token_logprobs = torch.zeros(ids.shape, device=self.device)
-        per_position = (
-            torch.zeros((*ids.shape, state.mask.shape[1]), device=self.device) if attention else None
-        )
+        attention_sum = torch.zeros((len(all_outputs), state.mask.shape[1]), device=self.device)
+
+        def rows_that_fit(suffix: int) -> int:  # the shared prefix is at most the rest of the output
+            row = self.shape.pass_row_bytes(state.mask.shape[1], ids.shape[1] - suffix, suffix, attention)
+            return max(1, self.pass_bytes // row)
+
+        plan = plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead, rows_that_fit)
         with self._attention_maps(attention):
-            for first, last in plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead):
+            for first, last in plan:
+                checkpoint()
                 chunk = torch.tensor(order[first:last], device=self.device)
                 width = int(mask[chunk].sum(1).max())
                 result = self._forward(
@@ -427,9 +460,10 @@ class ModelRunner:
                     starts=torch.tensor([starts[c] for c in order[first:last]], device=self.device),
                 )
                 token_logprobs[chunk, :width] = result.token_logprobs.float()
-                if per_position is not None and result.attention is not None:
-                    per_position[chunk, :width] = result.attention.float()
-        return OutputPass(token_logprobs, attention=per_position), mask[: len(outputs)]
+                if result.attention is not None:
+                    attention_sum[chunk] = result.attention.float().sum(1)
+        passes = OutputPass(token_logprobs, attention_sum=attention_sum if attention else None)
+        return passes, mask[: len(outputs)]
 
     @torch.no_grad()
     def score(
@@ -440,13 +474,14 @@ class ModelRunner:
         texts: list[str],
         configs: list[RefineConfig],
         current: CurrentOutputs | None = None,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Exact objective of C candidate outputs (``token_logprobs`` says how they are run).
 
         Returns totals (C,) and the values {name: (C,)} of every term active for some candidate.
         """
         attention = self.objective.needs_attention(configs)
-        passes, mask = self.token_logprobs(state, rows, outputs, configs, current, attention)
+        passes, mask = self.token_logprobs(state, rows, outputs, configs, current, attention, checkpoint)
         # Terms see every candidate at once, so a candidate and its free twin meet in one batch.
         row_t = torch.tensor(rows, device=self.device)
         total, parts = self.objective.evaluate(
@@ -467,15 +502,24 @@ class ModelRunner:
         return max(0, min(n, len(output) - 1))
 
 
-def plan_passes(suffixes: Sequence[int], max_size: int, overhead: float) -> list[tuple[int, int]]:
+def plan_passes(
+    suffixes: Sequence[int],
+    max_size: int,
+    overhead: float,
+    rows_that_fit: Callable[[int], int] | None = None,
+) -> list[tuple[int, int]]:
     """Split candidates sorted by decreasing suffix length into passes [first, last) of at most
-    ``max_size``, minimising the computed token rows (size x longest suffix) plus ``overhead`` rows
-    per pass (the fixed cost of a forward: reading every weight once). Exact, by dynamic programming."""
+    ``max_size`` (and at most ``rows_that_fit(longest suffix)``: the memory bound), minimising the
+    computed token rows (size x longest suffix) plus ``overhead`` rows per pass (the fixed cost of a
+    forward: reading every weight once). Exact, by dynamic programming."""
     n = len(suffixes)
+    limit = [min(max_size, rows_that_fit(s)) if rows_that_fit else max_size for s in suffixes]
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for last in range(1, n + 1):
         for first in range(max(0, last - max_size), last):
+            if last - first > limit[first]:
+                continue
             cost = best[first] + (last - first) * suffixes[first] + overhead
             if cost < best[last]:
                 best[last], cut[last] = cost, first

@@ -110,6 +110,26 @@ def server_factory() -> Iterator[Callable[..., LiveServer]]:
             live.stop()
 
 
+@pytest.fixture
+def make_engine(loaded: LoadedModel, refiner: Any) -> Iterator[Callable[..., Any]]:
+    """``make_engine(**kwargs)``: a started ``Engine`` over the requesting module's ``loaded`` model and
+    ``refiner`` fixtures, stopped after the test."""
+    from app.engine import Engine
+
+    engines: list[Engine] = []
+
+    def make(**kwargs: Any) -> Engine:
+        kwargs.setdefault("batch_window_s", 0.05)
+        engine = Engine(loaded, refiner, **kwargs)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
 def sse_events(lines: Iterator[str]) -> list[dict[str, Any] | str]:
     """Parse ``data: ...`` server-sent events into JSON objects (``[DONE]`` stays a string)."""
     import json

@@ -299,8 +299,9 @@ def check_rendered(docs: list[dict[str, Any]], overlay: str) -> None:
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     labels = pod["metadata"]["labels"]
-    for probe in ["readinessProbe", "livenessProbe", "startupProbe"]:
+    for probe in ["livenessProbe", "startupProbe"]:
         assert container[probe]["httpGet"]["path"] == "/health", probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, (
         "startup probe too short to load a model"

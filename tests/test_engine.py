@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -37,22 +36,6 @@ def loaded() -> LoadedModel:
 @pytest.fixture(scope="module")
 def refiner(loaded) -> Refiner:
     return Refiner(loaded)
-
-
-@pytest.fixture
-def make_engine(loaded, refiner) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(**kwargs: Any) -> Engine:
-        kwargs.setdefault("batch_window_s", 0.05)
-        engine = Engine(loaded, refiner, **kwargs)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
 
 
 def encode(loaded: LoadedModel, text: str) -> list[int]:
@@ -367,9 +350,9 @@ def test_warm_up_runs_the_model_once_without_counting_as_a_request(loaded, refin
     calls: list[int] = []
     original = refiner.refine
 
-    def counted(requests):
+    def counted(requests, *args):
         calls.append(len(requests))
-        return original(requests)
+        return original(requests, *args)
 
     refiner.refine = counted  # type: ignore[method-assign]
     try:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from refiners.config import MAX_LENGTH_PENALTY, MAX_WEIGHT
 from tests.conftest import LiveServer
 
 MAX_INPUT_TOKENS = 64
@@ -70,8 +71,32 @@ BAD_JSON_REQUESTS = [
     ("zero steps", "/generate", gen(refine={"steps": 0}), ["steps"]),
     ("negative length_penalty", "/generate", gen(refine={"length_penalty": -0.5}), ["length_penalty"]),
     ("target_length zero", "/generate", gen(refine={"target_length": 0}), ["target_length"]),
+    ("max_new_tokens as a string", "/generate", gen(max_new_tokens="8"), ["max_new_tokens", "integer"]),
+    ("max_new_tokens as a bool", "/generate", gen(max_new_tokens=True), ["max_new_tokens", "integer"]),
+    ("do_sample as a string", "/generate", gen(do_sample="yes"), ["do_sample", "boolean"]),
+    ("temperature as a string", "/generate", gen(temperature="0.5"), ["temperature", "number"]),
+    ("refine steps as a string", "/generate", gen(refine={"steps": "1"}), ["refine.steps"]),
+    ("completions: n as a string", "/v1/completions", {"prompt": "Hi", "n": "2"}, ["n", "integer"]),
+    (
+        "weight so large it overflows",
+        "/generate",
+        gen(refine={"weights": {"logprob": 1e38}}),
+        ["weights.logprob", str(int(MAX_WEIGHT))],
+    ),
+    (
+        "length_penalty over its bound",
+        "/generate",
+        gen(refine={"length_penalty": MAX_LENGTH_PENALTY + 0.5}),
+        ["length_penalty", f"{MAX_LENGTH_PENALTY:g}"],
+    ),
     ("stream: empty inputs", "/generate_stream", gen(""), ["inputs"]),
     ("refine: empty output", "/refine", {"inputs": "Q?", "output": ""}, ["output"]),
+    (
+        "refine: enabled false",
+        "/refine",
+        {"inputs": "Q?", "output": "A.", "parameters": {"refine": {"enabled": False}}},
+        ["parameters.refine", "enabled", "/refine always refines", "/generate"],
+    ),
     (
         "refine: bad method",
         "/refine",
@@ -207,3 +232,93 @@ def test_server_keeps_serving_after_bad_requests(server: LiveServer):
         ok = client.post("/generate", json=gen("Hi", max_new_tokens=2, refine={"candidates": 2}))
     assert ok.status_code == 200, ok.text
     assert ok.json()["details"]["refinement"]["method"] == "coordinate"
+
+
+def test_numbers_of_the_right_json_type_are_accepted(server: LiveServer):
+    # Strict types still take an int where a float is expected (JSON has one number type), nested
+    # objects, a string or a list for stop, and content as text parts.
+    full = gen(
+        "Hello",
+        max_new_tokens=4,
+        do_sample=True,
+        temperature=1,
+        top_k=50,
+        top_p=1,
+        repetition_penalty=1,
+        seed=3,
+        stop=["\n\n"],
+        details=True,
+        decoder_input_details=True,
+        return_full_text=False,
+        truncate=32,
+        refine={
+            "enabled": True,
+            "method": "coordinate",
+            "steps": 1,
+            "candidates": 2,
+            "keywords": ["cat"],
+            "length_penalty": 1,
+            "target_length": 4,
+            "weights": {"logprob": 1, "keywords": 2.5},
+            "step_size": 1,
+        },
+    )
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        "max_tokens": 2,
+        "temperature": 1,
+        "top_p": 1,
+        "stop": "\n\n",
+        "refine": {"enabled": False},
+    }
+    with server.client() as client:
+        responses = [
+            client.post("/generate", json=gen("Hi", max_new_tokens=2, temperature=1)),
+            client.post("/generate", json=full),
+            client.post("/v1/chat/completions", json=chat),
+            client.post("/v1/completions", json={"prompt": ["Hi"], "max_tokens": 2, "temperature": 0}),
+        ]
+    for r in responses:
+        assert r.status_code == 200, r.text
+
+
+def test_extreme_accepted_refine_values_compute_finitely(server_factory, tiny_model):
+    # Every bound at its limit at once, over an output as long as the default cap allows (512 tokens):
+    # the length normaliser ((5 + n) / 6) ** alpha, the weighted terms and the gradient pass all stay
+    # finite, so none of these is a 424.
+    live = server_factory(tiny_model)
+    extreme = {
+        "keywords": ["cat"],
+        "length_penalty": MAX_LENGTH_PENALTY,
+        "target_length": 1,
+        "weights": dict.fromkeys(("logprob", "fluency", "length", "keywords", "prompt_coverage"), MAX_WEIGHT),
+        "step_size": 100,
+        "candidates": 2,
+    }
+    output = "word " * 500
+    try:
+        with live.client() as client:
+            refined = {
+                method: client.post(
+                    "/refine",
+                    json={
+                        "inputs": "Hi",
+                        "output": output,
+                        "parameters": {"refine": {**extreme, "method": method}},
+                    },
+                )
+                for method in ("coordinate", "gradient", "hybrid")
+            }
+            far_target = client.post(
+                "/generate", json=gen("Hi", max_new_tokens=4, refine={"target_length": 100_000})
+            )
+    finally:
+        live.stop()
+    for method, r in refined.items():
+        assert r.status_code == 200, (method, r.text)
+        # The log-probability term still counts: at alpha = 100 the normaliser overflowed and it was 0.
+        assert r.json()["refinement"]["objective_before"]["logprob"] < 0, method
+    assert far_target.status_code == 200, far_target.text

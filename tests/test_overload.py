@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from app.engine import QueueFullError
+from app.errors import classify
 from tests.conftest import LiveServer
 
 # Long enough that the single worker is busy while the burst arrives.
@@ -19,7 +21,10 @@ BURST = 12
 
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_model) -> LiveServer:
-    live = server_factory(tiny_model, max_batch_size=1, max_queue=1, batch_window_ms=0, retry_after_s=2)
+    # A roomy work budget: these tests want long requests admitted, whatever the machine's speed.
+    live = server_factory(
+        tiny_model, max_batch_size=1, max_queue=1, batch_window_ms=0, retry_after_s=2, max_request_work_s=3600
+    )
     yield live
     live.stop()
 
@@ -38,12 +43,20 @@ def test_full_queue_answers_429_then_recovers(server: LiveServer):
     for r in rejected:
         assert r.headers["Retry-After"] == "2"
         assert r.json()["error_type"] == "overloaded"
+        assert r.json()["error"].count("retry later") == 1, r.json()["error"]
     # Recovery: once the burst is over, requests are served again.
     after = httpx.post(f"{server.url}/generate", json=QUICK, timeout=120)
     assert after.status_code == 200, after.text
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'refiner_rejected_requests_total{reason="queue_full"}' in metrics
     assert 'refiner_requests_total{route="/generate",status="429"}' in metrics
+
+
+def test_queue_full_message_says_retry_later_once():
+    for exc in (QueueFullError("the server is busy (1 requests waiting): retry later"), QueueFullError()):
+        status, message, error_type, headers = classify(exc, retry_after_s=2)
+        assert (status, error_type, headers) == (429, "overloaded", {"Retry-After": "2"})
+        assert message.count("retry later") == 1, message
 
 
 def test_full_queue_also_refuses_streams_with_429(server: LiveServer):
@@ -60,7 +73,8 @@ def test_full_queue_also_refuses_streams_with_429(server: LiveServer):
 
 
 def test_request_past_its_time_limit_gets_504(server_factory, tiny_model):
-    live = server_factory(tiny_model, request_timeout_s=0.001)
+    # The work budget stays roomy: the request is admitted, then runs out of time.
+    live = server_factory(tiny_model, request_timeout_s=0.001, max_request_work_s=600)
     try:
         r = httpx.post(f"{live.url}/generate", json=SLOW, timeout=120)
         assert r.status_code == 504, r.text

@@ -241,7 +241,8 @@ async def refine(
     prompt_ids = await asyncio.to_thread(service.tokens.encode, req.inputs, p.truncate)
     output_ids = await asyncio.to_thread(service.tokens.encode_output, req.output)
     service.tokens.resolve_max_new_tokens(len(output_ids), len(prompt_ids), "output")
-    # Refining is the point of this route: "enabled" (or a server default of off) does not apply.
+    # Refining is the point of this route: a server default of off does not apply (and the schema
+    # refuses "enabled": false).
     params = (p.refine or RefineParameters()).model_copy(update={"enabled": True})
     refine_config = service.jobs.refine_config(params)
     assert refine_config is not None

@@ -71,7 +71,7 @@ class CoordinateMethod(RefinementMethod):
         placements = []
         if inp.missing_keywords:
             share = max(1, LOOKAHEAD_PER_CANDIDATE * budget // len(inp.missing_keywords))
-            placements = [p for kw in inp.missing_keywords for p in self._keyword_edits(inp, kw)[:share]]
+            placements = [p for kw in inp.missing_keywords for p in self._keyword_edits(inp, kw, share)]
         return placements + self._general_edits(inp, max(1, int(GENERAL_LOOKAHEAD_PER_CANDIDATE * budget)))
 
     def propose(
@@ -141,28 +141,38 @@ class CoordinateMethod(RefinementMethod):
             out.append(make_proposal(inp, [Edit("insert", i, (), (v,))], value))
         return out
 
-    def _keyword_edits(self, inp: StepInput, keyword: str) -> list[Proposal]:
-        """Insert the keyword (any inflection) at a word boundary, or let it replace a whole word."""
+    def _keyword_edits(self, inp: StepInput, keyword: str, k: int) -> list[Proposal]:
+        """The k best placements of the keyword (any inflection) by first-order estimate: inserted at a
+        word boundary, or replacing a whole word. Estimates are computed for every placement at once
+        and only the k kept become proposals (each copies the body: m x placements would not fit)."""
         m, lp, vocab = len(inp.body), inp.logprobs, inp.vocab
         starts = [vocab.starts_word[t] for t in inp.body] + [True]
+        boundaries = [i for i in range(1, m + 1) if starts[i]]  # mid-sentence spellings start with a space
         later = None
-        out = []
-        for spelling in vocab.keyword_spellings(keyword):
+        # (-estimate, (spelling, boundary, 0 insert / 1 replace), edit): sorted, the order the edits
+        # were made in breaks ties, as a stable sort of them by estimate would.
+        ranked: list[tuple[float, tuple[int, int, int], Edit]] = []
+        for s, spelling in enumerate(vocab.keyword_spellings(keyword)):
             first, n_new = spelling[0], len(spelling)
-            for i in range(1, m + 1):  # mid-sentence spellings start with a space: never position 0
-                if not starts[i]:
-                    continue
-                gain = float(inp.estimated_gain(lp[i, first], n_new, 1))
-                out.append(make_proposal(inp, [Edit("insert", i, (), spelling)], gain, keyword))
-                if i < m and starts[i + 1] and inp.body[i] not in spelling:
-                    if later is None:
-                        later = inp.grad @ vocab.embedding[first] - (inp.grad * inp.embeds).sum(-1)
-                    delta = lp[i, first] - lp[i, inp.body[i]]
-                    gain = float(inp.estimated_gain(delta, n_new - 1, 1) + later[i])
-                    out.append(
-                        make_proposal(inp, [Edit("replace", i, (inp.body[i],), spelling)], gain, keyword)
-                    )
-        return sorted(out, key=lambda p: -p.estimate)
+            gains = inp.estimated_gain(lp[boundaries, first], n_new, 1).tolist()
+            for b, (i, gain) in enumerate(zip(boundaries, gains)):
+                ranked.append((-gain, (s, b, 0), Edit("insert", i, (), spelling)))
+            replaced = [
+                (b, i)
+                for b, i in enumerate(boundaries)
+                if i < m and starts[i + 1] and inp.body[i] not in spelling
+            ]
+            if not replaced:
+                continue
+            if later is None:  # the later-token effect of the first replacing spelling's first token
+                later = inp.grad @ vocab.embedding[first] - (inp.grad * inp.embeds).sum(-1)
+            at = [i for _, i in replaced]
+            old = torch.tensor([inp.body[i] for i in at], device=lp.device)
+            gains = (inp.estimated_gain(lp[at, first] - lp[at, old], n_new - 1, 1) + later[at]).tolist()
+            for (b, i), gain in zip(replaced, gains):
+                ranked.append((-gain, (s, b, 1), Edit("replace", i, (inp.body[i],), spelling)))
+        ranked.sort(key=lambda r: (r[0], r[1]))
+        return [make_proposal(inp, [edit], -neg, keyword) for neg, _, edit in ranked[:k]]
 
     def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
         """Greedily stack the best improving single edits that do not overlap (one per keyword)."""
