@@ -29,6 +29,9 @@ MB = 2**20
 # Share of the machine's memory (or of the container's limit) the server lets itself grow to by
 # default: the rest is for the kernel, the page cache and whatever runs beside it.
 DEFAULT_MEMORY_SHARE = 0.8
+# Share of the worker's time that small jobs may take while a large job runs (in its pauses): a large
+# job then takes at most 1 / (1 - SMALL_SHARE) times its own work, and is admitted only if that fits.
+SMALL_SHARE = 0.5
 # Share of the ceiling one request may need by default: a few maximal requests can be admitted side
 # by side (one runs, small ones run in its pauses) without passing the ceiling.
 DEFAULT_REQUEST_SHARE = 0.25
@@ -115,9 +118,16 @@ class JobShape:
 
 @dataclass
 class JobCost:
+    """``seconds``: the job's own work; ``wall_seconds``: the longest it may take on the worker (a
+    large job shares it with small ones, see ``SMALL_SHARE``)."""
+
     memory_bytes: int
     seconds: float
     small: bool
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.seconds if self.small else self.seconds / (1 - SMALL_SHARE)
 
 
 class Admission:
@@ -173,7 +183,7 @@ class Admission:
         return cost
 
     def _fits(self, cost: JobCost) -> bool:
-        return cost.memory_bytes <= self.request_memory_bytes and cost.seconds <= self.request_seconds
+        return cost.memory_bytes <= self.request_memory_bytes and cost.wall_seconds <= self.request_seconds
 
     def _refusal(self, shape: JobShape, cost: JobCost) -> str:
         over = []
@@ -182,9 +192,10 @@ class Admission:
                 f"about {cost.memory_bytes / MB:.0f} MB of memory (a request may use "
                 f"{self.request_memory_bytes / MB:.0f} MB)"
             )
-        if cost.seconds > self.request_seconds:
+        if cost.wall_seconds > self.request_seconds:
+            shared = "" if cost.small else f", up to {1 / (1 - SMALL_SHARE):g}x that beside small requests"
             over.append(
-                f"about {cost.seconds:.0f} s of work on this server (a request may take "
+                f"about {cost.seconds:.0f} s of work on this server{shared} (a request may take "
                 f"{self.request_seconds:g} s)"
             )
         knobs = self._knobs(shape)

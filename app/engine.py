@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app import metrics
-from app.admission import Admission, JobCost, JobShape, release_free_memory
+from app.admission import SMALL_SHARE, Admission, JobCost, JobShape, release_free_memory
 from refiners.config import RefineConfig
 from refiners.errors import InvalidRequestError
 from refiners.generation import (
@@ -56,10 +56,6 @@ if TYPE_CHECKING:
     from refiners.refiner import Refiner
 
 log = logging.getLogger(__name__)
-
-
-# Share of the worker's time that small jobs may take while a large job runs (in its pauses).
-SMALL_SHARE = 0.5
 
 
 class QueueFullError(RuntimeError):
@@ -411,7 +407,11 @@ class Engine:
             if len(self._queue) >= self.max_queue:
                 metrics.REJECTED_REQUESTS.labels(reason="queue_full").inc()
                 raise QueueFullError(f"the server is busy ({self.max_queue} requests waiting): retry later")
-            if cost is not None and 0 < (ahead := self._work_ahead(p)) and ahead + cost.seconds > timeout:
+            if (
+                cost is not None
+                and 0 < (ahead := self._work_ahead(p))
+                and ahead + cost.wall_seconds > timeout
+            ):
                 metrics.REJECTED_REQUESTS.labels(reason="backlog").inc()
                 raise QueueFullError(
                     f"the server has about {ahead:.0f} s of work ahead of this request, which would not "
@@ -430,9 +430,9 @@ class Engine:
         one) and pass large ones, which only wait, so a small job counts only the small ones.
         Call with ``self._cond`` held."""
         ahead = [q for q in self._queue if q.small or not p.small]
-        seconds = sum(q.cost.seconds / (self.max_batch_size if q.small else 1) for q in ahead if q.cost)
+        seconds = sum(q.cost.wall_seconds / (self.max_batch_size if q.small else 1) for q in ahead if q.cost)
         if self._current and not (p.small and not all(q.small for q in self._current)):
-            running = max((q.cost.seconds for q in self._current if q.cost), default=0.0)
+            running = max((q.cost.wall_seconds for q in self._current if q.cost), default=0.0)
             seconds += max(0.0, running - (time.monotonic() - self._current_since))
         return seconds
 

@@ -1,7 +1,7 @@
 """Soak benchmark: a long mixed load on a running server; does it stay answerable, bounded and at rest?
 
 For ``--duration`` seconds, ``--concurrency`` clients (one httpx async client, loopback only) each send
-one request after another, drawn from a weighted mix of four kinds:
+one request after another, drawn from a weighted mix of five kinds:
 
 - ``small``: ``POST /generate``, a short prompt, 8 new tokens, default refinement (half of them with
   1-2 ``refine.keywords``);
@@ -11,6 +11,10 @@ one request after another, drawn from a weighted mix of four kinds:
   steps, ``max_candidates`` candidates, ``max_keywords`` keywords of the longest allowed text, and the
   prompt-coverage term weighted. A 422 saying it costs too much, or a 503/429 with Retry-After, is a
   proper answer;
+- ``large``: the largest request the server admits at its default refinement: a ``max_input_tokens``
+  prompt, ``max_keywords`` short keywords and the most new tokens that fit (the first refusal names how
+  many); it runs alone, small requests run in its pauses, and one that could not finish behind the work
+  queued gets 429;
 - ``cancelled``: the client gives up: a ``POST /generate`` with a 0.5-2 s client timeout, or a
   ``POST /generate_stream`` closed after its first event;
 - ``invalid``: malformed JSON, wrong types, unknown fields, unknown objective terms: a 4xx is expected.
@@ -35,6 +39,7 @@ import argparse
 import asyncio
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -51,8 +56,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, percentile, write_json
 from refiners.config import MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
 
-KINDS = ("small", "maximal", "cancelled", "invalid")
-DEFAULT_MIX = "small=0.6,maximal=0.15,cancelled=0.15,invalid=0.1"
+KINDS = ("small", "large", "maximal", "cancelled", "invalid")
+DEFAULT_MIX = "small=0.6,large=0.03,maximal=0.12,cancelled=0.15,invalid=0.1"
 SENTENCE = "The dog ran. "
 KEYWORD_MAX_CHARS = 1000  # app.schemas' NonEmptyStr; used only when /openapi.json does not say
 # A 422 of a maximal request whose message says one of these is the cost budget refusing it
@@ -384,6 +389,31 @@ class MaximalRequests:
         return record
 
 
+class LargeRequests:
+    """``POST /generate`` as large as the server admits with its default refinement settings."""
+
+    name = "large"
+
+    def __init__(self, limits: Limits) -> None:
+        sentences = math.ceil(limits.max_input_tokens / limits.tokens_per_sentence) + 4
+        self.body = {
+            "inputs": SENTENCE * sentences,
+            "parameters": {
+                "max_new_tokens": limits.output_tokens,
+                "truncate": limits.max_input_tokens,
+                "refine": {"keywords": [f"word{i} here" for i in range(limits.max_keywords)]},
+            },
+        }
+
+    async def send(self, http: httpx.AsyncClient, rng: random.Random) -> Record:
+        record = await _timed(self.name, "/generate", lambda: http.post("/generate", json=self.body))
+        # Over the cost budget: the refusal names the most new tokens that fit; ask for that from now on.
+        fits = re.search(r"max_new_tokens to (\d+)", record.message or "") if record.status == 422 else None
+        if fits:
+            self.body["parameters"]["max_new_tokens"] = int(fits.group(1))
+        return record
+
+
 class CancelledRequests:
     """Clients that give up: ``POST /generate`` of a longer answer with a 0.5-2 s client timeout, or
     ``POST /generate_stream`` closed after its first event."""
@@ -642,7 +672,14 @@ async def _run_soak(
         limits = await read_limits(http)
         maximal = MaximalRequests(limits)
         kinds: dict[str, RequestKind] = {
-            k.name: k for k in (SmallRequests(), maximal, CancelledRequests(limits), InvalidRequests())
+            k.name: k
+            for k in (
+                SmallRequests(),
+                LargeRequests(limits),
+                maximal,
+                CancelledRequests(limits),
+                InvalidRequests(),
+            )
         }
         soak = Soak(http, kinds, mix, rss_of, alive, options)
         await soak.run(duration_s, concurrency)

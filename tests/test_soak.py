@@ -107,7 +107,13 @@ def test_report_prints_every_kind_and_target_line(result: dict):
 
 
 def test_mix_parsing_names_the_mistake():
-    assert parse_mix("small=3,invalid=1") == {"small": 3.0, "maximal": 0.0, "cancelled": 0.0, "invalid": 1.0}
+    assert parse_mix("small=3,invalid=1") == {
+        "small": 3.0,
+        "large": 0.0,
+        "maximal": 0.0,
+        "cancelled": 0.0,
+        "invalid": 1.0,
+    }
     for bad, words in (
         ("huge=1", "kind one of"),
         ("small=x", "number"),
