@@ -11,10 +11,10 @@ one request after another, drawn from a weighted mix of five kinds:
   steps, ``max_candidates`` candidates, ``max_keywords`` keywords of the longest allowed text, and the
   prompt-coverage term weighted. A 422 saying it costs too much, or a 503/429 with Retry-After, is a
   proper answer;
-- ``large``: the largest request the server admits at its default refinement: a ``max_input_tokens``
-  prompt, ``max_keywords`` short keywords and the most new tokens that fit (the first refusal names how
-  many); it runs alone, small requests run in its pauses, and one that could not finish behind the work
-  queued gets 429;
+- ``large``: a large request the server admits at its default refinement: a ``max_input_tokens`` prompt,
+  ``max_keywords`` short keywords and half the most new tokens that fit alone (the first refusal names
+  how many); it runs alone, small requests run in its pauses, and one that could not finish behind the
+  work queued gets 429;
 - ``cancelled``: the client gives up: a ``POST /generate`` with a 0.5-2 s client timeout, or a
   ``POST /generate_stream`` closed after its first event;
 - ``invalid``: malformed JSON, wrong types, unknown fields, unknown objective terms: a 4xx is expected.
@@ -407,10 +407,11 @@ class LargeRequests:
 
     async def send(self, http: httpx.AsyncClient, rng: random.Random) -> Record:
         record = await _timed(self.name, "/generate", lambda: http.post("/generate", json=self.body))
-        # Over the cost budget: the refusal names the most new tokens that fit; ask for that from now on.
+        # Over the cost budget: the refusal names the most new tokens that fit alone. Ask for half of
+        # that from now on: a request sized to the whole budget could never wait behind other work.
         fits = re.search(r"max_new_tokens to (\d+)", record.message or "") if record.status == 422 else None
         if fits:
-            self.body["parameters"]["max_new_tokens"] = int(fits.group(1))
+            self.body["parameters"]["max_new_tokens"] = max(1, int(fits.group(1)) // 2)
         return record
 
 
