@@ -6,7 +6,7 @@ disconnect does) after ``--delays`` seconds, which land in generation or in refi
 the phase it was in and how long the worker then took to become idle: the work between two
 checkpoints (a decode step, a pass or a chunk of one).
 
-    python -m benchmarks.stop_latency --delays 5 32 45 60
+    python -m benchmarks.stop_latency --delays 5 20 32 45
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ async def measure(engine: Any, job: Any, delay_s: float, phase: dict[str, str]) 
     phase["now"] = "queued"
     task = asyncio.ensure_future(engine.submit(job))
     await asyncio.sleep(delay_s)
-    at = phase["now"]
+    at = "finished" if task.done() else phase["now"]
     left = time.monotonic()
     task.cancel()
     while engine._running or engine.queue_size:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--delays", type=float, nargs="+", default=[5.0, 32.0, 45.0, 60.0])
+    parser.add_argument("--delays", type=float, nargs="+", default=[5.0, 20.0, 32.0, 45.0])
     parser.add_argument("--prompt-words", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--keywords", type=int, default=32)
