@@ -2,8 +2,8 @@
 
 Validation lives here: every static rule (types, ranges, TGI's cross-field rules) is a pydantic
 constraint, so the OpenAPI schema documents it and an invalid request never reaches the engine. Rules
-that depend on settings (token caps, keyword and candidate limits) are checked by ``app.requests``
-against the loaded model's tokenizer.
+that depend on settings (token caps, keyword and candidate limits) are checked against the loaded
+model's tokenizer by ``app.tokenization`` and ``app.jobs``, and a request's cost by ``app.admission``.
 """
 
 from __future__ import annotations
