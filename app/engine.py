@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from app import metrics
-from app.admission import SMALL_SHARE, Admission, JobCost, JobShape, release_free_memory
+from app.admission import (
+    SMALL_SHARE,
+    Admission,
+    JobCost,
+    JobShape,
+    MemoryPressureError,
+    RequestTooCostlyError,
+    release_free_memory,
+)
 from refiners.config import RefineConfig
 from refiners.errors import InvalidRequestError
 from refiners.generation import (
@@ -458,9 +466,11 @@ class Engine:
         )
         try:
             return self.admission.admit(shape)
-        except Exception as exc:
-            reason = "memory" if isinstance(exc, RuntimeError) else "too_costly"
-            metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
+        except MemoryPressureError:
+            metrics.REJECTED_REQUESTS.labels(reason="memory").inc()
+            raise
+        except RequestTooCostlyError:
+            metrics.REJECTED_REQUESTS.labels(reason="too_costly").inc()
             raise
 
     def _cancel(self, p: _Pending) -> None:

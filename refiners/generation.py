@@ -196,10 +196,7 @@ class BatchGenerator:
         if not prompts:
             return []
         width = max(len(p) for p in prompts)
-        rows = [
-            self._new_row(i, list(p), sp, width)
-            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
-        ]
+        rows = [self._new_row(i, list(p), sp, width) for i, (p, sp) in enumerate(zip(prompts, params))]
         ids, mask = self._left_pad(prompts)  # [B, T] each
         # Positions count real tokens only, so a left-padded prompt sees the positions it would alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
@@ -207,26 +204,13 @@ class BatchGenerator:
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)  # [B, V]
         if keep_prompt_cache:
-            # Later steps replace the cache's tensors (concatenation), so these stay the prompt's.
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
-            state = PromptState(kv, mask, mask.sum(-1), torch.log_softmax(logits, -1))
-            for j, row in enumerate(rows):
-                row.prompt_cache = state.row(j)
+            self._keep_prompt_caches(rows, cache, mask, logits)
         active = rows  # rows still decoding; batch row j of every tensor is active[j]
 
         while True:
             tokens, logprobs = self._choose(logits, ids, active)  # [b], [b]
             ids = torch.cat([ids, tokens[:, None]], dim=-1)  # [b, T + t]
-            # The one device->host copy per step: the host needs the ids for EOS/stop checks and callbacks.
-            for row, tok, lp in zip(active, tokens.tolist(), logprobs.tolist(), strict=True):
-                row.token_ids.append(tok)
-                row.logprobs.append(lp)
-                if on_token is not None:
-                    on_token(row.index, tok, lp)
-                row.finish_reason = self._finish_reason(row, tok)
-                if row.finish_reason is None and cancelled is not None and cancelled(row.index):
-                    row.finish_reason = FINISH_CANCELLED
-            keep = [j for j, row in enumerate(active) if row.finish_reason is None]
+            keep = self._append(active, tokens, logprobs, on_token, cancelled)
             if not keep:
                 break
             if len(keep) < len(active):
@@ -243,6 +227,38 @@ class BatchGenerator:
         return [self._output(row) for row in rows]
 
     # -- steps ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _keep_prompt_caches(
+        rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor
+    ) -> None:
+        """Give each row its prompt's KV cache and next-token distribution, right after the prefill.
+        Later steps replace the cache's tensors (concatenation), so these stay the prompt's."""
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        state = PromptState(kv, mask, mask.sum(-1), torch.log_softmax(logits, -1))
+        for j, row in enumerate(rows):
+            row.prompt_cache = state.row(j)
+
+    def _append(
+        self,
+        active: list[_Row],
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        on_token: Callable[[int, int, float], None] | None,
+        cancelled: Callable[[int], bool] | None,
+    ) -> list[int]:
+        """Add each active row's new token, report it, and decide whether the row is finished.
+        Returns the indices (into ``active``) of the rows that go on."""
+        # The one device->host copy per step: the host needs the ids for EOS/stop checks and callbacks.
+        for row, tok, lp in zip(active, tokens.tolist(), logprobs.tolist(), strict=True):
+            row.token_ids.append(tok)
+            row.logprobs.append(lp)
+            if on_token is not None:
+                on_token(row.index, tok, lp)
+            row.finish_reason = self._finish_reason(row, tok)
+            if row.finish_reason is None and cancelled is not None and cancelled(row.index):
+                row.finish_reason = FINISH_CANCELLED
+        return [j for j, row in enumerate(active) if row.finish_reason is None]
 
     def _new_row(self, index: int, prompt: list[int], params: SamplingParams, width: int) -> _Row:
         if not prompt:
