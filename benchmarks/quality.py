@@ -67,7 +67,7 @@ class QualitySettings:
         candidates: candidates per refinement step (None = ``RefineConfig`` default).
     """
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     max_new_tokens: int = MAX_NEW_TOKENS
     best_of: int | None = None
     candidates: int | None = None

@@ -2,13 +2,13 @@
 
 Each item is generated once (greedy, the server's way: the prompt cache is kept), then refined under
 every setting in the same process, so the refine/generate ratios of the settings share one machine
-state and compare fairly. A setting names module-level constants of ``refiners.refiner`` or
-``refiners.methods.coordinate`` (e.g. ``LOOKAHEAD_TOKENS``) and the values to try; this tool sets them,
-which the library does not otherwise support. Quality is the refiner's own: coverage and the change of
-the objective's terms, never the judge.
+state and compare fairly. A setting names fields of ``refiners.SearchConfig`` (e.g. ``lookahead_tokens``)
+and the values to try; each setting gets its own ``Refiner(search=SearchConfig(**setting))`` over the
+same loaded model. Quality is the refiner's own: coverage and the change of the objective's terms,
+never the judge.
 
     python -m benchmarks.sweep --start 280 --stop 360 \\
-        --settings '{"now": {}, "la2": {"LOOKAHEAD_TOKENS": 2}}'
+        --settings '{"now": {}, "la2": {"lookahead_tokens": 2}}'
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import refiners.methods.coordinate as coordinate_module
-import refiners.refiner as refiner_module
 from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, write_json
-from refiners import RefineConfig, Refiner, RefineRequest, RefineResult, load_model
+from refiners import RefineConfig, Refiner, RefineRequest, RefineResult, SearchConfig, load_model
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import coverage
 from refiners.models import LoadedModel
 
-MODULES = (refiner_module, coordinate_module)
 TABLE = [
     Column("setting", "setting"),
     Column("prompts", "n"),
@@ -43,26 +40,24 @@ TABLE = [
 ]
 
 
-def owner(name: str) -> Any:
-    """The module that holds tuning constant ``name``."""
-    for module in MODULES:
-        if hasattr(module, name):
-            return module
-    raise SystemExit(f"no tuning constant {name!r} in refiners.refiner or refiners.methods.coordinate")
-
-
-def apply(setting: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Set the constants of ``setting``, and every other swept one back to its default."""
-    for name, value in {**defaults, **setting}.items():
-        setattr(owner(name), name, value)
+def search_configs(settings: dict[str, dict[str, Any]]) -> dict[str, SearchConfig]:
+    """One ``SearchConfig`` per setting; an unknown field is named in the error."""
+    fields = set(SearchConfig.__dataclass_fields__)
+    for name, setting in settings.items():
+        unknown = sorted(set(setting) - fields)
+        if unknown:
+            raise SystemExit(
+                f"setting {name!r}: no SearchConfig field {', '.join(unknown)}; use {sorted(fields)}"
+            )
+    return {name: SearchConfig(**setting) for name, setting in settings.items()}
 
 
 def run(
     loaded: LoadedModel, items: Sequence[ConceptSet], settings: dict[str, dict[str, Any]], max_new_tokens: int
 ) -> list[dict]:
-    """One summary row per setting; the swept constants are back at their defaults afterwards."""
-    refiner, generator = Refiner(loaded), BatchGenerator(loaded)
-    defaults = {n: getattr(owner(n), n) for setting in settings.values() for n in setting}
+    """One summary row per setting."""
+    refiners = {name: Refiner(loaded, search=search) for name, search in search_configs(settings).items()}
+    generator = BatchGenerator(loaded)
 
     def measure(item: ConceptSet) -> tuple[float, str, dict[str, tuple[float, RefineResult]]]:
         """(generate seconds, initial text, {setting: (refine seconds, result)}) of one item."""
@@ -73,13 +68,11 @@ def run(
         )
         generate_s = time.perf_counter() - started
         refined = {}
-        for name, setting in settings.items():
-            apply(setting, defaults)
+        for name, refiner in refiners.items():
             config = RefineConfig(keywords=item.concepts)
             started = time.perf_counter()
             [res] = refiner.refine([RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)])
             refined[name] = (time.perf_counter() - started, res)
-        apply({}, defaults)
         return generate_s, out.text, refined
 
     measure(items[0])  # untimed: the first pass pays one-off costs (caches, allocations)
@@ -120,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", type=int, default=280, help="first CommonGen item (default 280: held out)")
     parser.add_argument("--stop", type=int, default=360, help="item after the last")
-    parser.add_argument("--settings", default='{"defaults": {}}', help="JSON {name: {CONSTANT: value}}")
+    parser.add_argument(
+        "--settings", default='{"defaults": {}}', help="JSON {name: {SearchConfig field: value}}"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS_DIR / "sweep.json"))
     args = parser.parse_args(argv)

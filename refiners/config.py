@@ -6,31 +6,11 @@ import math
 from dataclasses import dataclass, field
 
 from refiners.errors import InvalidRequestError
+from refiners.methods import METHODS
 
-METHODS = ("coordinate", "gradient", "hybrid")
-
-# Weight of each built-in objective term when the request does not set it. Prompt coverage needs the
-# attention maps (an eager-attention pass), so it is off unless asked for. Keywords trade against
-# fluency, and the prompt names the keywords, so log p(Y | X) alone prices a keyword pushed in anywhere
-# cheaply; the fluency term (log p(Y) without the prompt) prices how the text reads on its own. Chosen
-# on held-out CommonGen items 200-319 (one coordinate step on greedy outputs), by the model's own
-# prompt-free log-prob, never the benchmark's judge; the rule: the largest coverage gain whose mean
-# prompt-free log-prob per token drops by at most log(1.1) nats. Keywords 2 / fluency 0 (items 200-259)
-# gained 13 points but dropped the median by 0.2 nats; keywords 3 / fluency 0.5 with 12 candidates
-# gained 12.5 points (65.8% -> 78.3%) for a 0.067-nat mean drop; keywords 3.5 dropped it 0.100.
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "logprob": 1.0,
-    "fluency": 0.5,
-    "length": 1.0,
-    "keywords": 3.0,
-    "prompt_coverage": 0.0,
-}
-
-# Each candidate is scored twice (with and without the prompt), and exact scoring and the lookahead that
-# screens for it are the step's main costs. The budget B bounds both: 3B keyword placements and B
-# general edits get a lookahead, and at most B candidates whose lookahead says they can pay are scored.
-# First 200 CommonGen sets (benchmarks/results/quality.json): 70.7% -> 83.5% coverage, judge perplexity
-# +4.3%, at 1.08x generation time on their natural ~16-token outputs (0.97x at 32 tokens).
+# B, the candidates scored exactly per step. Each is scored twice (with and without the prompt), and
+# exact scoring and the lookahead that screens for it are the step's main costs; the README's
+# benchmark tables show what 6 buys and costs.
 DEFAULT_CANDIDATES = 6
 MAX_STEPS = 8
 MAX_CANDIDATES = 512
@@ -53,14 +33,14 @@ class RefineConfig:
     """Settings of one refinement request.
 
     Args:
-        method: "coordinate" (default), "gradient" or "hybrid".
+        method: a name in ``refiners.methods.METHODS``: "coordinate" (default), "gradient", "hybrid".
         steps: refinement steps; each costs one gradient pass and one batched scoring pass.
         candidates: how many proposed edits are scored exactly per step (B).
         keywords: words or short phrases the output should contain (keyword-coverage term).
         length_penalty: GNMT alpha of the log-probability normalisation ((5 + n) / 6) ** alpha.
         target_length: wanted output length in tokens (length term); None disables the term.
-        weights: weight of each term by name; missing names take ``DEFAULT_WEIGHTS``; custom terms
-            registered on the ``Refiner`` take their own default.
+        weights: weight of each term by name; a term it does not name takes its class's
+            ``default_weight`` (``refiners.objective.DEFAULT_WEIGHTS`` for the built-in ones).
         step_size: eta of the continuous step of the "gradient" and "hybrid" methods, in units of
             the mean embedding norm.
     """
@@ -106,6 +86,3 @@ class RefineConfig:
                 raise InvalidRequestError(
                     f"weight of term {name!r} must be a number >= 0 and <= {MAX_WEIGHT:g}, got {w}"
                 )
-
-    def weight(self, term: str, default: float) -> float:
-        return self.weights.get(term, DEFAULT_WEIGHTS.get(term, default))

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from refiners.config import RefineConfig
 from refiners.objective import Objective
+from refiners.search import SearchConfig
 
 FLOAT = 4  # scores, log-probabilities and gains are float32 whatever the model's dtype
 # Autograd keeps, per token and layer, the inputs of every norm, projection and activation: about
@@ -33,11 +34,9 @@ SAVED_HIDDEN_VECTORS, SAVED_MLP_VECTORS = 16, 4
 # (C, L, V) float tensors alive at once at the head: logits, log-softmax and its concatenation, and
 # in the gradient pass their gradients.
 HEAD_COPIES_SCORING, HEAD_COPIES_GRADIENT = 3, 5
-# (m, V) tensors alive at once while a method ranks edits (the weighted log-probabilities, the
-# gradient through the embedding matrix, their sum and the estimate's temporaries).
-GAIN_COPIES = 6
-# The lookahead scores each shortlisted edit's tokens plus this many: the suffix it computes.
-LOOKAHEAD_SUFFIX = 2
+# (m, V) tensors alive at once while a method ranks edits (each reading's change of S, the gradient
+# through the embedding matrix, each term's estimate and its temporaries, their sum).
+GAIN_COPIES = 8
 # Allocator and kernel workspace a refinement adds beyond its tensors: the embedded model's smallest
 # scenario in benchmarks/memory.py peaked above its tensor estimate by about this much.
 WORKSPACE_BYTES = 128 * 2**20
@@ -134,12 +133,19 @@ class CostModel:
         pass_bytes: the memory budget of one scoring pass (``ModelRunner`` plans passes within it).
     """
 
-    def __init__(self, shape: ModelShape, objective: Objective, pass_bytes: int) -> None:
+    def __init__(
+        self, shape: ModelShape, objective: Objective, pass_bytes: int, search: SearchConfig | None = None
+    ) -> None:
         self.shape, self.objective, self.pass_bytes = shape, objective, pass_bytes
+        self.search = search or SearchConfig()
+        # The lookahead computes each edit's tokens and those after it, from its first new token on.
+        self.lookahead_suffix = self.search.lookahead_tokens + 1
 
     @staticmethod
-    def of(model: PreTrainedModel, objective: Objective, pass_bytes: int) -> CostModel:
-        return CostModel(ModelShape.of(model), objective, pass_bytes)
+    def of(
+        model: PreTrainedModel, objective: Objective, pass_bytes: int, search: SearchConfig | None = None
+    ) -> CostModel:
+        return CostModel(ModelShape.of(model), objective, pass_bytes, search)
 
     def estimate(
         self,
@@ -193,15 +199,14 @@ class CostModel:
         b, c = config.candidates, self._copies(config)
         shortlist = self._shortlist(config)
         gradient = 3 * n
-        lookahead = shortlist * (keyword_tokens + LOOKAHEAD_SUFFIX)
+        lookahead = shortlist * (keyword_tokens + self.lookahead_suffix)
         scoring = (b + 3) * math.ceil(n / 2)
         tokens = p + config.steps * c * (gradient + lookahead + scoring)
         return tokens, config.steps * c * (1 + shortlist + b + 3)
 
-    @staticmethod
-    def _shortlist(config: RefineConfig) -> int:
-        """Edits given a lookahead: 3B keyword placements (one per keyword at least) and B others."""
-        return max(3 * config.candidates, len(config.keywords)) + config.candidates
+    def _shortlist(self, config: RefineConfig) -> int:
+        """Edits given a lookahead in one step (``SearchConfig.shortlist``)."""
+        return self.search.shortlist(config.candidates, len(config.keywords))
 
     def _scoring_memory(
         self, p: int, n: int, rows: int, config: RefineConfig, suffix: int | None = None
@@ -232,6 +237,8 @@ class CostModel:
         b = config.candidates
         scoring = max(
             self._scoring_memory(p, n, b + 3, config),  # the candidates, then up to 3 combinations
-            self._scoring_memory(p, n, self._shortlist(config), config, keyword_tokens + LOOKAHEAD_SUFFIX),
+            self._scoring_memory(
+                p, n, self._shortlist(config), config, keyword_tokens + self.lookahead_suffix
+            ),
         )
         return prompt + max(gradient + gains, kept + scoring)

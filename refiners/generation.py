@@ -35,6 +35,7 @@ from transformers import (
 
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.models import LoadedModel
+from refiners.padding import pad_ids
 from refiners.scoring import Checkpoint, PromptState, no_checkpoint
 
 FINISH_LENGTH = "length"
@@ -197,7 +198,7 @@ class BatchGenerator:
             return []
         width = max(len(p) for p in prompts)
         rows = [self._new_row(i, list(p), sp, width) for i, (p, sp) in enumerate(zip(prompts, params))]
-        ids, mask = self._left_pad(prompts)  # [B, T] each
+        ids, mask = pad_ids(prompts, self.pad_token_id, left=True, device=self.device)  # [B, T] each
         # Positions count real tokens only, so a left-padded prompt sees the positions it would alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         next_pos = positions[:, -1] + 1  # [B] position of each row's next token
@@ -283,19 +284,6 @@ class BatchGenerator:
             generator=generator,
             seed=seed if params.do_sample else params.seed,
         )
-
-    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad prompts so every row's last token is in the last column.
-
-        Returns: ids [B, T] (long) and attention mask [B, T] (1 = real token, 0 = padding).
-        """
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        return ids.to(self.device), mask.to(self.device)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache

@@ -3,11 +3,13 @@
 ``ModelRunner`` is the only module that calls the model during refinement:
 - ``encode_prompts`` runs the (left-padded) prompts once and keeps their KV cache and the
   next-token distribution at the first output position;
-- ``gradient_pass`` runs the current outputs with gradients on their input embeddings;
-- ``score`` runs any number of candidate outputs in chunks, each reusing its prompt's cache instead of
-  recomputing the prompt, and returns exact objective values.
+- ``gradient_pass`` runs the current outputs with gradients on their input embeddings
+  (``GradientPass``);
+- ``read_outputs`` runs any number of outputs in chunks, each reusing its prompt's cache and the part
+  it shares with its row's current output, and gives their token log-probabilities
+  (``OutputReadings``); ``score`` turns those into exact objective values (``Scores``).
 
-When a term reads the output on its own (``FluencyTerm``), ``prompt_state`` appends one row per
+When a term reads the output on its own (the FREE reading), ``prompt_state`` appends one row per
 prompt holding only a document-start token: the "free twin" of prompt row r is row r + B, and every
 output is run twice in the same passes, once after its prompt and once after its twin.
 """
@@ -17,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from refiners.config import RefineConfig
 from refiners.cost import ModelShape
 from refiners.errors import NumericalError
-from refiners.objective import CandidateBatch, Objective
+from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
+from refiners.padding import pad_ids
+
+if TYPE_CHECKING:
+    from refiners.config import RefineConfig
 
 
 @dataclass
@@ -85,38 +91,47 @@ class PromptState:
 
 
 @dataclass
-class OutputPass:
-    """What one forward over C outputs (padded to L) gives.
+class Outputs:
+    """C outputs to run: output c after prompt row ``rows[c]`` of the state, for the request whose
+    config is ``configs[c]``; ``texts`` (the decoded outputs) are needed only to score them."""
+
+    rows: list[int]
+    ids: list[list[int]]
+    configs: list[RefineConfig]
+    texts: list[str] | None = None
+
+
+@dataclass
+class OutputReadings:
+    """Token log-probabilities of C outputs (padded to L) under each reading the objective needs.
 
     Attributes:
-        token_logprobs: (C, L) log p(y_i | X, y_<i), 0 at padding.
-        logprobs: (C, L + 1, V) log p(. | X, y_<i) for i = 0..L (only with ``full_distributions``).
-        attention: (C, L, P) attention of each output position to each prompt position (mean over
-            heads and layers), or None.
-        kv: per layer, the outputs' own (keys, values) (C, heads, L, head_dim) (with full distributions).
-        attention_sum: (C, P) the attention summed over output positions, when the per-position maps
-            were not kept (scoring: a (C, L, P) tensor over many candidates would dwarf the pass).
+        token_logprobs: (C, L) log p(y_i | X, y_<i), 0 at padding; (2C, L) with the FREE reading:
+            the same outputs after their free twins follow.
+        mask: (C, L) 1 for real output tokens.
+        attention_sum: rows like ``token_logprobs``, (., P): for each prompt position, the attention
+            summed over output positions (mean over heads and layers); None unless asked for.
     """
 
     token_logprobs: torch.Tensor
-    logprobs: torch.Tensor | None = None
-    attention: torch.Tensor | None = None
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    mask: torch.Tensor
     attention_sum: torch.Tensor | None = None
 
-    @property
-    def prompt_attention(self) -> torch.Tensor | None:
-        """(C, P): for each prompt position, the attention summed over output positions."""
-        if self.attention_sum is not None:
-            return self.attention_sum
-        return None if self.attention is None else self.attention.sum(1)
+    def readings(self) -> dict[str, torch.Tensor]:
+        """{PROMPTED: (C, L)} and, when the pass ran the outputs on their own too, {FREE: (C, L)}."""
+        count = self.mask.shape[0]
+        out = {PROMPTED: self.token_logprobs[:count]}
+        if self.token_logprobs.shape[0] > count:
+            out[FREE] = self.token_logprobs[count:]
+        return out
 
 
 @dataclass
 class CurrentOutputs:
     """The gradient pass over the current outputs, kept so candidates can reuse their shared prefix.
 
-    ``index`` maps a prompt row to its place in the tensors; ``ids`` are the current outputs.
+    ``index`` maps a prompt row (free twins included) to its place in the tensors; ``ids`` are the
+    outputs of those places.
     """
 
     index: dict[int, int]
@@ -126,18 +141,49 @@ class CurrentOutputs:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, heads, L, head_dim)
     attention: torch.Tensor | None  # (B, L, P)
 
+    def distributions(self, row: int, twin: int | None, length: int) -> dict[str, torch.Tensor]:
+        """Per reading, the (length, V) next-token distributions of prompt row ``row``'s output."""
+        out = {PROMPTED: self.logprobs[self.index[row], :length]}
+        if twin is not None:
+            out[FREE] = self.logprobs[self.index[twin], :length]
+        return out
 
-def pad_right(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of shape (N, max_len), padded on the right."""
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
-        mask[i, : len(s)] = 1
-    return ids, mask
+
+@dataclass
+class Scores:
+    """Exact objective values of C outputs: ``totals`` (C,) and each term's values {name: (C,)}."""
+
+    totals: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+    def row(self, i: int) -> tuple[float, dict[str, float]]:
+        return float(self.totals[i]), {name: float(v[i]) for name, v in self.parts.items()}
+
+
+@dataclass
+class GradientPass:
+    """The gradient pass over B current outputs (padded to L).
+
+    Attributes:
+        current: the pass, kept for prefix reuse and for the methods' distributions.
+        embeds: (B, L, d) the outputs' input embeddings.
+        grad: (B, L, d) dJ/d embeds of the differentiable terms, 0 at padding.
+        scores: the outputs' exact objective values.
+    """
+
+    current: CurrentOutputs
+    embeds: torch.Tensor
+    grad: torch.Tensor
+    scores: Scores
+
+
+@dataclass
+class _Forward:
+    """One model forward over C outputs: (C, L) chosen-token log-probabilities, 0 at padding, and
+    (C, L, P) attention to the prompt when asked for."""
+
+    token_logprobs: torch.Tensor
+    attention: torch.Tensor | None
 
 
 def document_start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -163,11 +209,18 @@ def no_checkpoint() -> None:
     return None
 
 
+def _prompt_attention(attentions: Sequence[torch.Tensor], prompt_width: int) -> torch.Tensor:
+    """(layers x (C, heads, span, keys)) -> (C, span, P): mean over layers and heads, prompt keys only."""
+    return torch.stack([a[..., :prompt_width].float() for a in attentions]).mean((0, 2))
+
+
 class ModelRunner:
     """Runs the model for refinement. Parameters never receive gradients.
 
     Args:
         chunk_size: most outputs in one scoring pass.
+        pass_overhead: the fixed cost of one pass (reading every weight once), in token rows: about
+            32 for a small model on a CPU. Passes are planned to minimise rows plus overheads.
         pass_bytes: memory budget of one scoring pass; passes are planned so that their rows fit it
             (``ModelShape.pass_row_bytes``), one row at least.
     """
@@ -189,7 +242,6 @@ class ModelRunner:
         self.shape = ModelShape.of(model)
         self.pass_bytes = pass_bytes
         self.device = next(model.parameters()).device
-        # The fixed cost of one scoring pass, in token rows: about 32 for a small model on a CPU.
         self.pass_overhead = pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
@@ -207,14 +259,10 @@ class ModelRunner:
         finally:
             self.model.set_attn_implementation(current)
 
+    # -- prompts ------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[Sequence[int]]) -> PromptState:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column P - 1
-            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=self.device)
-            mask[i, width - len(p) :] = 1
+        ids, mask = pad_ids(prompts, self.pad_id, left=True, device=self.device)  # every prompt ends at P - 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -248,195 +296,104 @@ class ModelRunner:
         """The prompt rows to run outputs after: ``rows``, then their free twins when a term needs them."""
         return rows + (state.twins(rows) if self.objective.needs_free_context(configs) else [])
 
-    def _forward(
+    # -- the gradient pass ----------------------------------------------------------------------------
+    def gradient_pass(self, state: PromptState, batch: Outputs) -> GradientPass:
+        """One forward + backward over the current outputs, gradients on their input embeddings."""
+        rows, outputs, configs, texts = batch.rows, batch.ids, batch.configs, batch.texts or []
+        all_rows = self._context_rows(state, rows, configs)
+        copies = len(all_rows) // len(rows)  # each output once per reading
+        ids, mask = pad_ids(outputs, self.pad_id, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        attention = self.objective.needs_attention(configs)
+        row_t = torch.tensor(rows, device=self.device)
+        with torch.enable_grad(), self._attention_maps(attention):
+            current = self._forward_full(
+                state,
+                all_rows,
+                [list(o) for o in outputs] * copies,
+                ids.repeat(copies, 1),
+                embeds.repeat(copies, 1, 1),
+                mask.repeat(copies, 1),
+                attention,
+            )
+            readings = OutputReadings(current.token_logprobs, mask, _attention_sum(current.attention))
+            smooth, _ = self.objective.evaluate(self._batch(state, row_t, readings, texts, configs), True)
+            (grad,) = torch.autograd.grad(smooth.sum(), embeds)
+        current = _detached(current)
+        with torch.no_grad():
+            readings = OutputReadings(current.token_logprobs, mask, _attention_sum(current.attention))
+            total, parts = self.objective.evaluate(self._batch(state, row_t, readings, texts, configs))
+        if not torch.isfinite(grad).all() or not torch.isfinite(total).all():
+            raise NumericalError("the gradient pass produced NaN or inf")
+        return GradientPass(current, embeds.detach(), grad * mask[..., None], Scores(total, parts))
+
+    def _forward_full(
         self,
         state: PromptState,
-        rows: torch.Tensor,
+        rows: list[int],
+        outputs: list[list[int]],
         ids: torch.Tensor,
+        embeds: torch.Tensor,
         mask: torch.Tensor,
-        inputs_embeds: torch.Tensor | None = None,
-        attention: bool = False,
-        full_distributions: bool = False,
-        prefix: CurrentOutputs | None = None,
-        starts: torch.Tensor | None = None,
-    ) -> OutputPass:
-        """Forward C outputs (ids: (C, L), right-padded) after their prompts (``rows``: (C,) indices
-        into ``state``).
-
-        With ``prefix`` and ``starts`` (C,), output c shares its first starts[c] tokens with its row's
-        current output: their keys/values, log-probabilities and attention are taken from ``prefix``
-        and only the suffix from starts[c] on is computed. Suffixes are left-aligned (the shared
-        prefixes are right-aligned against them in the cache, masked where shorter), so a pass costs
-        its longest suffix, not its longest output.
-        """
-        count, width = ids.shape
-        s = starts if starts is not None else torch.zeros(count, dtype=torch.long, device=self.device)
-        kv = [(k[rows], v[rows]) for k, v in state.kv]
-        past_mask = [state.mask[rows]]
-        shared = int(s.max()) if count else 0
-        pre = None
-        if prefix is not None:
-            pre = torch.tensor([prefix.index[int(r)] for r in rows], device=self.device)
-        if shared:
-            assert pre is not None and prefix is not None and inputs_embeds is None
-            # Column j of the shared part holds prefix token s_c - shared + j (masked when negative).
-            src = s[:, None] - shared + torch.arange(shared, device=self.device)
-            past_mask.append((src >= 0).long())
-            index = src.clamp(min=0)[:, None, :, None]
-
-            def take(cached: torch.Tensor) -> torch.Tensor:
-                rows_cache = cached[pre]
-                return rows_cache.gather(2, index.expand(-1, rows_cache.shape[1], -1, rows_cache.shape[3]))
-
-            kv = [
-                (torch.cat([k, take(pk)], 2), torch.cat([v, take(pv)], 2))
-                for (k, v), (pk, pv) in zip(kv, prefix.kv)
-            ]
-        suffix_lengths = mask.sum(1) - s
-        span = max(1, int(suffix_lengths.max()) if count else 1)
-        steps = torch.arange(span, device=self.device)
-        new_mask = (steps < suffix_lengths[:, None]).long()
-        new_ids = ids.gather(1, (s[:, None] + steps).clamp(max=width - 1))
+        attention: bool,
+    ) -> CurrentOutputs:
+        """Forward C whole outputs (``ids``: (C, L), right-padded; run as their input embeddings
+        (C, L, d), which take the gradient) after prompt rows ``rows``, keeping every position's
+        next-token distribution and the outputs' own keys/values."""
+        row_t = torch.tensor(rows, device=self.device)
+        width, prompt_width = mask.shape[1], state.mask.shape[1]
         out = self.model(
-            input_ids=None if inputs_embeds is not None else new_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([*past_mask, new_mask], dim=1),
-            position_ids=state.lengths[rows, None] + s[:, None] + steps,
-            past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([state.mask[row_t], mask], dim=1),
+            position_ids=state.lengths[row_t, None] + torch.arange(width, device=self.device),
+            past_key_values=DynamicCache.from_legacy_cache(tuple((k[row_t], v[row_t]) for k, v in state.kv)),
             use_cache=True,
             output_attentions=attention,
         )
-        # The distribution of the first computed token comes from the pass before (the prompt's, or
-        # the prefix's: its position 0 is the prompt's); logits at i predict the token at i + 1.
-        first = state.next_logprobs[rows] if pre is None else prefix.logprobs[pre, s]
-        logits = out.logits.float()
-        logprobs = None
-        if full_distributions:
-            logprobs = torch.cat([first[:, None], torch.log_softmax(logits, -1)], 1)
-            new_token_logprobs = logprobs[:, :-1].gather(-1, new_ids[..., None]).squeeze(-1)
-        else:  # only the chosen tokens' log-probabilities: no (C, L, V) log-softmax copy
-            later = logits[:, :-1].gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
-            new_token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
-        prompt_width = state.mask.shape[1]
+        # Logits at i predict the token at i + 1; the first token's distribution is the prompt's.
+        logprobs = torch.cat(
+            [state.next_logprobs[row_t][:, None], torch.log_softmax(out.logits.float(), -1)], 1
+        )
+        token_logprobs = logprobs[:, :-1].gather(-1, ids[..., None]).squeeze(-1) * mask
         per_position = None
         if attention:
-            # (layers, C, heads, span, keys) -> mean over layers and heads, prompt keys only.
-            per_position = torch.stack([a[..., :prompt_width].float() for a in out.attentions]).mean((0, 2))
-        if shared:
-            assert prefix is not None and pre is not None
-            new_token_logprobs = _splice(prefix.token_logprobs[pre], new_token_logprobs, s, width)
-            if per_position is not None:
-                assert prefix.attention is not None
-                per_position = _splice(prefix.attention[pre], per_position, s, width)
-        token_logprobs = new_token_logprobs[:, :width] * mask
-        if per_position is not None:
-            per_position = per_position[:, :width] * mask[..., None]
-        kv_out = None
-        if full_distributions:
-            kv_out = [
+            per_position = _prompt_attention(out.attentions, prompt_width) * mask[..., None]
+        return CurrentOutputs(
+            index={r: i for i, r in enumerate(rows)},
+            ids=outputs,
+            token_logprobs=token_logprobs,
+            logprobs=logprobs,
+            kv=[
                 (layer.keys[:, :, prompt_width:], layer.values[:, :, prompt_width:])
                 for layer in out.past_key_values.layers
-            ]
-        return OutputPass(token_logprobs, logprobs, per_position, kv_out)
-
-    def _batch(
-        self,
-        state: PromptState,
-        rows: torch.Tensor,
-        mask: torch.Tensor,
-        outputs: OutputPass,
-        texts: list[str],
-        configs: list[RefineConfig],
-    ) -> CandidateBatch:
-        """The batch of C outputs; ``outputs`` holds C rows, or 2C with their free twins after them."""
-        count = len(texts)
-        twins = outputs.token_logprobs.shape[0] > count
-        attention = outputs.prompt_attention
-        return CandidateBatch(
-            token_logprobs=outputs.token_logprobs[:count],
-            mask=mask.to(outputs.token_logprobs.dtype),
-            texts=texts,
-            configs=configs,
-            prompt_attention=attention[:count] if attention is not None else None,
-            prompt_mask=state.mask[rows].float() if attention is not None else None,
-            free_token_logprobs=outputs.token_logprobs[count:] if twins else None,
+            ],
+            attention=per_position,
         )
 
-    def gradient_pass(
-        self,
-        state: PromptState,
-        rows: list[int],
-        outputs: list[list[int]],
-        texts: list[str],
-        configs: list[RefineConfig],
-    ) -> tuple[CurrentOutputs, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """One forward + backward over the current outputs, gradients on their input embeddings.
-
-        Returns (the pass, kept for prefix reuse; embeddings (C, L, d); dJ/d embeddings (C, L, d) of
-        the differentiable terms, 0 at padding; exact term values {name: (C,)}; exact totals (C,)).
-        """
-        all_rows = self._context_rows(state, rows, configs)
-        row_t = torch.tensor(rows, device=self.device)
-        ids, mask = pad_right(outputs, self.pad_id, self.device)
-        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        attention = self.objective.needs_attention(configs)
-        copies = len(all_rows) // len(rows)  # each output once per context (prompt, free twin)
-        with torch.enable_grad(), self._attention_maps(attention):
-            result = self._forward(
-                state,
-                torch.tensor(all_rows, device=self.device),
-                ids.repeat(copies, 1),
-                mask.repeat(copies, 1),
-                embeds.repeat(copies, 1, 1),
-                attention,
-                full_distributions=True,
-            )
-            batch = self._batch(state, row_t, mask, result, texts, configs)
-            smooth, _ = self.objective.evaluate(batch, differentiable_only=True)
-            (grad,) = torch.autograd.grad(smooth.sum(), embeds)
-        with torch.no_grad():
-            assert result.logprobs is not None and result.kv is not None
-            current = CurrentOutputs(
-                index={r: i for i, r in enumerate(all_rows)},
-                ids=[list(o) for o in outputs] * copies,
-                token_logprobs=result.token_logprobs.detach(),
-                logprobs=result.logprobs.detach(),
-                kv=[(k.detach(), v.detach()) for k, v in result.kv],
-                attention=result.attention.detach() if result.attention is not None else None,
-            )
-            detached = OutputPass(current.token_logprobs, attention=current.attention)
-            total, parts = self.objective.evaluate(self._batch(state, row_t, mask, detached, texts, configs))
-        if not torch.isfinite(grad).all() or not torch.isfinite(total).all():
-            raise NumericalError("the gradient pass produced NaN or inf")
-        return current, embeds.detach(), grad * mask[..., None], parts, total
-
+    # -- reading and scoring candidates -----------------------------------------------------------------
     @torch.no_grad()
-    def token_logprobs(
+    def read_outputs(
         self,
         state: PromptState,
-        rows: list[int],
-        outputs: list[list[int]],
-        configs: list[RefineConfig],
+        outputs: Outputs,
         current: CurrentOutputs | None = None,
         attention: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
-    ) -> tuple[OutputPass, torch.Tensor]:
-        """Token log-probabilities of C outputs, in passes of at most ``chunk_size`` outputs that
-        fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
+    ) -> OutputReadings:
+        """Token log-probabilities of C outputs after prompt rows ``rows``, under every reading the
+        configs' weighted terms need, in passes of at most ``chunk_size`` outputs that fit
+        ``pass_bytes``; ``checkpoint()`` runs before each pass.
 
-        Returns (the pass over C rows, or 2C with a prompt-free term: the free twins after them;
-        the (C, L) output mask). Each output reuses its prompt's KV cache and, given ``current``, the
-        cache of the tokens it shares with its row's current output, so only its suffix from the
-        first difference is computed. Outputs are grouped by suffix length (``plan_passes``) so
-        little of a pass is padding.
+        Each output reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
+        shares with its row's current output, so only its suffix from the first difference is
+        computed. Outputs are grouped by suffix length (``plan_passes``) so little of a pass is padding.
         """
-        all_rows = self._context_rows(state, rows, configs)
-        copies = len(all_rows) // max(1, len(outputs))
-        all_outputs = list(outputs) * copies
+        all_rows = self._context_rows(state, outputs.rows, outputs.configs)
+        all_outputs = list(outputs.ids) * (len(all_rows) // max(1, len(outputs.ids)))
         starts = [self._shared_prefix(current, r, o) for r, o in zip(all_rows, all_outputs)]
         suffixes = [len(o) - st for o, st in zip(all_outputs, starts)]
         order = sorted(range(len(all_outputs)), key=lambda c: -suffixes[c])
-        ids, mask = pad_right(all_outputs, self.pad_id, self.device)
+        ids, mask = pad_ids(all_outputs, self.pad_id, device=self.device)
         token_logprobs = torch.zeros(ids.shape, device=self.device)
         attention_sum = torch.zeros((len(all_outputs), state.mask.shape[1]), device=self.device)
 
@@ -448,46 +405,137 @@ class ModelRunner:
         with self._attention_maps(attention):
             for first, last in plan:
                 checkpoint()
-                chunk = torch.tensor(order[first:last], device=self.device)
-                width = int(mask[chunk].sum(1).max())
-                result = self._forward(
+                chunk = order[first:last]
+                at = torch.tensor(chunk, device=self.device)
+                width = int(mask[at].sum(1).max())
+                result = self._forward_suffixes(
                     state,
-                    torch.tensor([all_rows[c] for c in order[first:last]], device=self.device),
-                    ids[chunk, :width],
-                    mask[chunk, :width],
-                    attention=attention,
-                    prefix=current,
-                    starts=torch.tensor([starts[c] for c in order[first:last]], device=self.device),
+                    [all_rows[c] for c in chunk],
+                    ids[at, :width],
+                    mask[at, :width],
+                    current,
+                    torch.tensor([starts[c] for c in chunk], device=self.device),
+                    attention,
                 )
-                token_logprobs[chunk, :width] = result.token_logprobs.float()
+                token_logprobs[at, :width] = result.token_logprobs.float()
                 if result.attention is not None:
-                    attention_sum[chunk] = result.attention.float().sum(1)
-        passes = OutputPass(token_logprobs, attention_sum=attention_sum if attention else None)
-        return passes, mask[: len(outputs)]
+                    attention_sum[at] = result.attention.float().sum(1)
+        return OutputReadings(token_logprobs, mask[: len(outputs.ids)], attention_sum if attention else None)
+
+    def _forward_suffixes(
+        self,
+        state: PromptState,
+        rows: list[int],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prefix: CurrentOutputs | None,
+        starts: torch.Tensor,
+        attention: bool,
+    ) -> _Forward:
+        """Forward C outputs (ids: (C, L), right-padded) after prompt rows ``rows``, computing only
+        output c's suffix from starts[c] on: its first starts[c] tokens are its row's current output's,
+        whose keys/values, log-probabilities and attention come from ``prefix``. Suffixes are
+        left-aligned (the shared prefixes right-aligned against them in the cache, masked where
+        shorter), so a pass costs its longest suffix, not its longest output."""
+        row_t = torch.tensor(rows, device=self.device)
+        width = ids.shape[1]
+        pre = None if prefix is None else torch.tensor([prefix.index[r] for r in rows], device=self.device)
+        kv, past_mask = self._past(state, row_t, prefix, pre, starts)
+        suffix_lengths = mask.sum(1) - starts
+        steps = torch.arange(max(1, int(suffix_lengths.max()) if len(rows) else 1), device=self.device)
+        new_ids = ids.gather(1, (starts[:, None] + steps).clamp(max=width - 1))
+        out = self.model(
+            input_ids=new_ids,
+            attention_mask=torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1),
+            position_ids=state.lengths[row_t, None] + starts[:, None] + steps,
+            past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
+            use_cache=True,
+            output_attentions=attention,
+        )
+        # The first computed token's distribution comes from the pass before (the prompt's, or the
+        # prefix's); only the chosen tokens' log-probabilities are taken: no (C, L, V) log-softmax copy.
+        first = state.next_logprobs[row_t] if pre is None else prefix.logprobs[pre, starts]
+        logits = out.logits.float()
+        later = logits[:, :-1].gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
+        token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
+        per_position = _prompt_attention(out.attentions, state.mask.shape[1]) if attention else None
+        if prefix is not None and pre is not None and int(starts.max()):
+            token_logprobs = _splice(prefix.token_logprobs[pre], token_logprobs, starts, width)
+            if per_position is not None:
+                assert prefix.attention is not None
+                per_position = _splice(prefix.attention[pre], per_position, starts, width)
+        if per_position is not None:
+            per_position = per_position[:, :width] * mask[..., None]
+        return _Forward(token_logprobs[:, :width] * mask, per_position)
+
+    def _past(
+        self,
+        state: PromptState,
+        rows: torch.Tensor,
+        prefix: CurrentOutputs | None,
+        pre: torch.Tensor | None,
+        starts: torch.Tensor,
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """The cache each output's suffix attends to: its prompt row's, then (with shared prefixes) the
+        prefix's keys/values, right-aligned. Returns (kv per layer, masks of those parts)."""
+        kv = [(k[rows], v[rows]) for k, v in state.kv]
+        shared = int(starts.max()) if len(starts) else 0
+        if not shared or prefix is None or pre is None:
+            return kv, [state.mask[rows]]
+        # Column j of the shared part holds prefix token s_c - shared + j (masked when negative).
+        src = starts[:, None] - shared + torch.arange(shared, device=self.device)
+        index = src.clamp(min=0)[:, None, :, None]
+
+        def take(cached: torch.Tensor) -> torch.Tensor:
+            rows_cache = cached[pre]
+            return rows_cache.gather(2, index.expand(-1, rows_cache.shape[1], -1, rows_cache.shape[3]))
+
+        kv = [
+            (torch.cat([k, take(pk)], 2), torch.cat([v, take(pv)], 2))
+            for (k, v), (pk, pv) in zip(kv, prefix.kv)
+        ]
+        return kv, [state.mask[rows], (src >= 0).long()]
 
     @torch.no_grad()
     def score(
         self,
         state: PromptState,
-        rows: list[int],
-        outputs: list[list[int]],
-        texts: list[str],
-        configs: list[RefineConfig],
+        candidates: Outputs,
         current: CurrentOutputs | None = None,
         checkpoint: Checkpoint = no_checkpoint,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Exact objective of C candidate outputs (``token_logprobs`` says how they are run).
-
-        Returns totals (C,) and the values {name: (C,)} of every term active for some candidate.
-        """
-        attention = self.objective.needs_attention(configs)
-        passes, mask = self.token_logprobs(state, rows, outputs, configs, current, attention, checkpoint)
+    ) -> Scores:
+        """Exact objective of C candidate outputs (``read_outputs`` says how they are run), with the
+        values of every term active for some candidate."""
+        if candidates.texts is None:
+            raise ValueError("scoring needs the candidates' texts")
+        attention = self.objective.needs_attention(candidates.configs)
+        readings = self.read_outputs(state, candidates, current, attention, checkpoint)
         # Terms see every candidate at once, so a candidate and its free twin meet in one batch.
-        row_t = torch.tensor(rows, device=self.device)
-        total, parts = self.objective.evaluate(
-            self._batch(state, row_t, mask, passes, list(texts), list(configs))
+        row_t = torch.tensor(candidates.rows, device=self.device)
+        batch = self._batch(state, row_t, readings, list(candidates.texts), list(candidates.configs))
+        total, parts = self.objective.evaluate(batch)
+        return Scores(total.float(), {name: value.float() for name, value in parts.items()})
+
+    def _batch(
+        self,
+        state: PromptState,
+        rows: torch.Tensor,
+        readings: OutputReadings,
+        texts: list[str],
+        configs: list[RefineConfig],
+    ) -> CandidateBatch:
+        """The batch of C outputs whose readings ``readings`` holds, for the objective's terms."""
+        by_name, count = readings.readings(), len(texts)
+        attention = readings.attention_sum
+        return CandidateBatch(
+            token_logprobs=by_name[PROMPTED],
+            mask=readings.mask.to(readings.token_logprobs.dtype),
+            texts=texts,
+            configs=configs,
+            prompt_attention=attention[:count] if attention is not None else None,
+            prompt_mask=state.mask[rows].float() if attention is not None else None,
+            free_token_logprobs=by_name.get(FREE),
         )
-        return total.float(), {name: value.float() for name, value in parts.items()}
 
     @staticmethod
     def _shared_prefix(current: CurrentOutputs | None, row: int, output: list[int]) -> int:
@@ -500,6 +548,24 @@ class ModelRunner:
         while n < min(len(ref), len(output)) and ref[n] == output[n]:
             n += 1
         return max(0, min(n, len(output) - 1))
+
+
+def _attention_sum(per_position: torch.Tensor | None) -> torch.Tensor | None:
+    """(C, L, P) -> (C, P): the attention each prompt position received, summed over output positions."""
+    return None if per_position is None else per_position.sum(1)
+
+
+def _detached(current: CurrentOutputs) -> CurrentOutputs:
+    """The pass without its autograd graph: kept for the rest of the step."""
+    with torch.no_grad():
+        return CurrentOutputs(
+            index=current.index,
+            ids=current.ids,
+            token_logprobs=current.token_logprobs.detach(),
+            logprobs=current.logprobs.detach(),
+            kv=[(k.detach(), v.detach()) for k, v in current.kv],
+            attention=current.attention.detach() if current.attention is not None else None,
+        )
 
 
 def plan_passes(

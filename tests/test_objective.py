@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from refiners import InvalidRequestError, RefineConfig, Refiner, RefineRequest, RewardTerm
-from refiners.config import DEFAULT_WEIGHTS, MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
+from refiners.config import MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
 from refiners.errors import RefinerError
+from refiners.methods import METHODS
 from refiners.models import LoadedModel
 from refiners.objective import (
+    DEFAULT_WEIGHTS,
+    TERMS,
     CandidateBatch,
     KeywordCoverageTerm,
     LengthTerm,
@@ -167,10 +172,24 @@ def test_valid_config_defaults_and_keyword_cleanup() -> None:
     config = RefineConfig(keywords=(" dog ", "", "  ", "park"))
     assert config.keywords == ("dog", "park")
     assert (config.method, config.steps, config.candidates) == ("coordinate", 1, 6)
-    assert config.weight("logprob", 5.0) == 1.0
-    assert config.weight("prompt_coverage", 5.0) == 0.0
-    assert config.weight("custom", 5.0) == 5.0
-    assert RefineConfig(weights={"custom": 0.0}).weight("custom", 5.0) == 0.0
+
+
+def test_default_weights_live_on_the_term_classes() -> None:
+    assert DEFAULT_WEIGHTS == {
+        "logprob": 1.0,
+        "fluency": 0.5,
+        "length": 1.0,
+        "keywords": 3.0,
+        "prompt_coverage": 0.0,
+    }
+    assert DEFAULT_WEIGHTS == {name: term.default_weight for name, term in TERMS.items()}
+    custom = RewardTerm("custom", len, default_weight=5.0)
+    objective = Objective([*default_terms(), custom])
+    config = RefineConfig(keywords=("dog",), target_length=4)
+    assert [objective.weight(t, config) for t in objective.terms] == [1.0, 0.5, 1.0, 3.0, 0.0, 5.0]
+    overridden = RefineConfig(keywords=("dog",), weights={"custom": 0.0, "keywords": 7.0})
+    weights = {t.name: objective.weight(t, overridden) for t in objective.terms}
+    assert (weights["custom"], weights["keywords"], weights["length"]) == (0.0, 7.0, 0.0)  # length: no target
 
 
 # -- on a tiny model ------------------------------------------------------------------------------
@@ -361,3 +380,12 @@ def test_reward_term_needs_a_name_and_a_callable() -> None:
 def test_custom_term_name_must_not_clash_with_a_built_in(sdpa_llama) -> None:
     with pytest.raises(ValueError, match="unique"):
         Refiner(sdpa_llama, extra_terms=[RewardTerm("keywords", len)])
+
+
+def test_readme_lists_the_registered_methods_and_the_default_weights() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    method_row = next(line for line in readme if line.startswith("| `refine.method`"))
+    assert re.findall(r"`(\w+)`", method_row.split("|")[2]) == list(METHODS)
+    weights_row = next(line for line in readme if line.startswith("| `refine.weights`"))
+    listed = {name: float(w) for name, w in re.findall(r"`(\w+)` \(([\d.]+)", weights_row)}
+    assert listed == DEFAULT_WEIGHTS

@@ -3,23 +3,28 @@
 A method turns one gradient pass into candidate outputs (``propose``) and, once those are scored
 exactly, may offer combinations of the improving ones (``combine``). The ``Refiner`` scores every
 proposal of every request in one batched pass and keeps a candidate only when it raises the objective.
-A method may first ``shortlist`` single edits for a lookahead: the refiner replaces their estimates
-by exact values over the edit's tokens and the few after it, so ``propose`` ranks them well.
+Methods estimate edits through ``StepInput.estimate`` (the objective's terms own the estimates) and may
+call the step's ``Lookahead`` to make single edits' estimates exact over their own tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from refiners.config import RefineConfig
 from refiners.edits import Edit, apply_edits
 from refiners.keywords import inflections
-from refiners.objective import gnmt_length_normaliser
+from refiners.objective import Change, Objective
+from refiners.search import SearchConfig
+
+if TYPE_CHECKING:
+    from refiners.config import RefineConfig
+    from refiners.lookahead import Lookahead
 
 
 class Vocabulary:
@@ -49,6 +54,16 @@ class Vocabulary:
         ]
         self._forms: dict[str, list[tuple[int, ...]]] = {}
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def round_trips(self, body: Sequence[int]) -> bool:
+        """True when decoding then encoding gives back ``body`` and it holds no special token: only
+        then is the score of a candidate the score of the text it returns."""
+        if not body or any(t in self.special_ids for t in body):
+            return False
+        return self.tokenizer.encode(self.decode(body), add_special_tokens=False) == list(body)
+
     def keyword_spellings(self, keyword: str) -> list[tuple[int, ...]]:
         """Token ids of ``" form"`` for each inflection of the keyword, as written mid-sentence."""
         if keyword not in self._forms:
@@ -71,28 +86,28 @@ class StepInput:
         body: current output ids without the final EOS (m tokens).
         tail: [eos] when the output ends with EOS, else [].
         text: decoded current output.
-        config: the request's refine config; ``weights``: resolved weight of each term.
+        config: the request's refine config.
+        row: the request's row in the step's prompt state (where its lookahead runs).
         total: exact objective of the current output; ``parts``: its term values.
-        logprobs: (m + 1, V) at body positions 0..m (m = where EOS / a new token goes), the weighted
-            sum of the log-probability terms' token distributions: w_logprob * log p(. | X, y_<i)
-            (+ w_fluency * log p(. | y_<i) when the fluency term is on).
+        distributions: per reading (``refiners.objective.PROMPTED``, and ``FREE`` when a weighted
+            term reads the output on its own), (m + 1, V) log p(. | context, y_<i) at body positions
+            0..m (m = where EOS or an appended token goes).
         embeds: (m, d) input embeddings of the body; grad: (m, d) dJ/d embeds of the smooth terms.
-        missing_keywords: requested keywords the current text does not contain.
-        vocab: the shared ``Vocabulary``.
+        vocab: the shared ``Vocabulary``; ``objective``: the terms that estimate edits.
     """
 
     body: list[int]
     tail: list[int]
     text: str
     config: RefineConfig
-    weights: dict[str, float]
+    row: int
     total: float
     parts: dict[str, float]
-    logprobs: torch.Tensor
+    distributions: dict[str, torch.Tensor]
     embeds: torch.Tensor
     grad: torch.Tensor
-    missing_keywords: list[str]
     vocab: Vocabulary
+    objective: Objective
 
     @property
     def length(self) -> int:
@@ -100,67 +115,84 @@ class StepInput:
         return len(self.body) + len(self.tail)
 
     @cached_property  # read by every estimate: computed once per step
-    def token_logprobs(self) -> torch.Tensor:
-        """(n,) the (weighted) log-probability of each current output token (gradient pass)."""
-        ids = self.body + self.tail
-        return self.logprobs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)]
+    def token_logprobs(self) -> dict[str, torch.Tensor]:
+        """Per reading, (n,) the log-probability of each current output token."""
+        ids = torch.tensor(self.body + self.tail, dtype=torch.long)
+        return {r: d[torch.arange(len(ids)), ids] for r, d in self.distributions.items()}
 
     @cached_property
-    def logprob_sum(self) -> float:
-        """S, the (weighted) unnormalised sum of output token log-probabilities."""
-        return float(self.token_logprobs.sum())
+    def _logprob_sums(self) -> dict[str, float]:
+        return {r: float(lp.sum()) for r, lp in self.token_logprobs.items()}
 
-    def estimated_gain(
-        self, delta_logprob: torch.Tensor, delta_length: int, delta_keywords: int = 0
+    def logprob_sum(self, reading: str) -> float:
+        """S, the sum of the current output's token log-probabilities under ``reading``."""
+        return self._logprob_sums[reading]
+
+    @cached_property
+    def wanted(self) -> dict[str, float]:
+        """{phrase: weight} of absent phrases the objective's terms would gain by (missing keywords)."""
+        return self.objective.wanted(self)
+
+    def per_reading(self, delta: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``delta(distribution)`` for the distribution of every reading: an edit's change of S."""
+        return {r: delta(d) for r, d in self.distributions.items()}
+
+    def estimate(
+        self, logprob_delta: dict[str, torch.Tensor], length_delta: int = 0, phrase: str | None = None
     ) -> torch.Tensor:
-        """First-order estimate of the change in J for edits that change S by ``delta_logprob``.
-
-        Exact for the length and keyword terms; the log-probability terms use the estimated
-        change of the (weighted) token log-probability sum and the exact new length normalisation.
-        """
-        s, n, alpha = self.logprob_sum, self.length, self.config.length_penalty
-        w = self.weights
-        new_n = n + delta_length
-        gain = (s + delta_logprob) / gnmt_length_normaliser(
-            torch.tensor(float(max(new_n, 1))), alpha
-        ) - s / gnmt_length_normaliser(torch.tensor(float(max(n, 1))), alpha)
-        if self.config.target_length:
-            t = self.config.target_length
-            gain = gain + w.get("length", 0.0) * (abs(n - t) - abs(new_n - t)) / t
-        return gain + w.get("keywords", 0.0) * delta_keywords
+        """First-order change of J for edits that change each reading's S by ``logprob_delta``, the
+        length by ``length_delta`` and write ``phrase``: the objective's terms estimate it."""
+        return self.objective.estimate(self, Change(logprob_delta, length_delta, phrase))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Proposal:
     """A candidate output for one request, and the edits that make it from the current body."""
 
     edits: list[Edit]
     estimate: float = 0.0
-    keyword: str | None = None  # the missing keyword this proposal adds, if any
+    phrase: str | None = None  # the wanted phrase (e.g. a missing keyword) this proposal writes
     body: list[int] = field(default_factory=list)
 
 
-def make_proposal(inp: StepInput, edits: list[Edit], estimate: float, keyword: str | None = None) -> Proposal:
-    return Proposal(edits, estimate, keyword, apply_edits(inp.body, edits))
+def make_proposal(step: StepInput, edits: list[Edit], estimate: float, phrase: str | None = None) -> Proposal:
+    return Proposal(edits, estimate, phrase, apply_edits(step.body, edits))
+
+
+def dedupe(proposals: Sequence[Proposal], current: list[int], budget: int) -> list[Proposal]:
+    """Keep the first proposal of each distinct output, never the unchanged one, at most ``budget``."""
+    seen = {tuple(current)}
+    out = []
+    for p in proposals:
+        key = tuple(p.body)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+        if len(out) == budget:
+            break
+    return out
 
 
 class RefinementMethod:
-    """Interface of a refinement method: one gradient pass in, candidate outputs out."""
+    """Interface of a refinement method: a batch of gradient passes in, candidate outputs out.
+
+    Args:
+        search: the step's tuning constants (budget splits, lookahead thresholds).
+    """
 
     name = "method"
 
-    def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
-        """Single-edit proposals worth a lookahead before ``propose`` ranks them (none by default)."""
-        return []
+    def __init__(self, search: SearchConfig | None = None) -> None:
+        self.search = search or SearchConfig()
 
-    def propose(
-        self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] | None = None
-    ) -> list[Proposal]:
-        """Return at most ``budget`` candidate outputs to score exactly. ``shortlisted``: this
-        method's shortlist, with estimates made exact over each edit's lookahead window (edits that do
-        not round-trip dropped); None when no lookahead was run."""
+    def propose(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
+        """For each request, at most ``config.candidates`` candidate outputs to score exactly.
+
+        ``lookahead(steps, shortlists)`` makes single edits' estimates exact over their tokens and the
+        few after them, for all the requests in one batched pass.
+        """
         raise NotImplementedError
 
-    def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
+    def combine(self, step: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
         """Given exactly scored proposals (proposal, total), return combinations worth scoring too."""
         return []

@@ -9,28 +9,35 @@ as a whole still contributes its good positions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from refiners.methods.base import Proposal, RefinementMethod, StepInput, make_proposal
-from refiners.methods.coordinate import CoordinateMethod, dedupe
+from refiners.methods.base import Proposal, RefinementMethod, StepInput, dedupe, make_proposal
+from refiners.methods.coordinate import CoordinateMethod
 from refiners.methods.gradient import GradientMethod
+from refiners.search import SearchConfig
+
+if TYPE_CHECKING:
+    from refiners.lookahead import Lookahead
 
 
 class HybridMethod(RefinementMethod):
     name = "hybrid"
 
-    def __init__(self) -> None:
-        self.gradient, self.coordinate = GradientMethod(), CoordinateMethod()
+    def __init__(self, search: SearchConfig | None = None) -> None:
+        super().__init__(search)
+        self.gradient, self.coordinate = GradientMethod(self.search), CoordinateMethod(self.search)
 
-    def shortlist(self, inp: StepInput, budget: int) -> list[Proposal]:
-        return self.coordinate.shortlist(inp, budget)
+    def propose(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
+        coordinate = self.coordinate.propose(steps, lookahead)
+        return [self._merge(step, own) for step, own in zip(steps, coordinate)]
 
-    def propose(
-        self, inp: StepInput, budget: int, shortlisted: Sequence[Proposal] | None = None
-    ) -> list[Proposal]:
-        projected = self.gradient.propose(inp, max(1, budget // 8))
-        singles = [make_proposal(inp, [e], p.estimate) for p in projected for e in p.edits]
-        coordinate = self.coordinate.propose(inp, budget, shortlisted)
-        return dedupe(projected + singles[: budget // 4] + coordinate, inp.body, budget)
+    def _merge(self, step: StepInput, coordinate: list[Proposal]) -> list[Proposal]:
+        """Projected sequences, then their positions as single edits, then the coordinate proposals."""
+        budget = step.config.candidates
+        projected = self.gradient.projected(step, max(1, int(budget * self.search.projected_share)))
+        singles = [make_proposal(step, [e], p.estimate) for p in projected for e in p.edits]
+        singles = singles[: int(budget * self.search.projected_singles_share)]
+        return dedupe(projected + singles + coordinate, step.body, budget)
 
-    def combine(self, inp: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
-        return self.coordinate.combine(inp, scored)
+    def combine(self, step: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
+        return self.coordinate.combine(step, scored)

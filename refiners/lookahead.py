@@ -1,0 +1,72 @@
+"""The lookahead: exact estimates of single edits over their own tokens and the few after them.
+
+A first-order estimate sees an edit's own tokens and, through the gradient, a linear guess of its effect
+on the rest; the text after an inserted word adapts to it, which that guess misses. The lookahead runs
+each edit's tokens and the ``lookahead_tokens`` after them exactly, after the cached prefix they share
+with the current output: one batched pass over a few tokens per edit, for every request of the step.
+The rest of the text counts as unchanged, so the estimate stays an estimate (exact scoring decides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from refiners.scoring import Outputs
+
+if TYPE_CHECKING:
+    from refiners.methods.base import Proposal, StepInput
+    from refiners.scoring import Checkpoint, CurrentOutputs, ModelRunner, PromptState
+
+
+class Lookahead:
+    """A service methods call during a step. Built by the ``Refiner`` once per step.
+
+    Args:
+        runner: runs the windows; ``state``, ``current``: the step's prompts and current outputs.
+        tokens: tokens after each edit that are scored exactly (``SearchConfig.lookahead_tokens``).
+        checkpoint: runs before each pass (may raise to stop the work).
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        state: PromptState,
+        current: CurrentOutputs,
+        tokens: int,
+        checkpoint: Checkpoint,
+    ) -> None:
+        self.runner, self.state, self.current = runner, state, current
+        self.tokens, self.checkpoint = tokens, checkpoint
+
+    def __call__(
+        self, steps: Sequence[StepInput], shortlists: Sequence[Sequence[Proposal]]
+    ) -> list[list[Proposal]]:
+        """Each single-edit proposal of ``shortlists[j]`` (edits of ``steps[j]``) with its estimate made
+        exact over its window; edits that do not round-trip through the tokenizer are dropped."""
+        flat = [
+            (j, p) for j, props in enumerate(shortlists) for p in props if steps[j].vocab.round_trips(p.body)
+        ]
+        kept: list[list[Proposal]] = [[] for _ in shortlists]
+        if not flat:
+            return kept
+        windows = [self._window(steps[j], p) for j, p in flat]
+        outputs = Outputs([steps[j].row for j, _ in flat], windows, [steps[j].config for j, _ in flat])
+        passes = self.runner.read_outputs(self.state, outputs, self.current, checkpoint=self.checkpoint)
+        readings = passes.readings()
+        for c, (j, p) in enumerate(flat):
+            step, (edit,) = steps[j], p.edits
+            start, grown = edit.position, len(edit.new_tokens) - len(edit.old_tokens)
+            old_end = start + len(edit.old_tokens) + self.tokens
+            delta = {
+                r: readings[r][c, start : len(windows[c])].sum() - step.token_logprobs[r][start:old_end].sum()
+                for r in step.distributions
+            }
+            estimate = float(step.estimate(delta, grown, p.phrase))
+            kept[j].append(replace(p, estimate=estimate))
+        return kept
+
+    def _window(self, step: StepInput, proposal: Proposal) -> list[int]:
+        (edit,) = proposal.edits
+        return (proposal.body + step.tail)[: edit.position + len(edit.new_tokens) + self.tokens]

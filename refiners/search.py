@@ -1,0 +1,71 @@
+"""How hard one refinement step searches: the tuning constants of the methods and the lookahead.
+
+They are chosen on held-out CommonGen items (``benchmarks/sweep.py`` compares configs side by side;
+the figures behind each default are in ``benchmarks/README.md``), never on the benchmark's judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Budget splits and thresholds of a step. B is a request's ``candidates``.
+
+    Args:
+        lookahead_tokens: tokens after an edit that its lookahead scores exactly. The text after an
+            inserted word adapts to it, which a first-order estimate cannot see; one token already
+            shows most of it.
+        min_lookahead: lowest lookahead estimate still worth an exact score. The lookahead assumes the
+            rest of the text unchanged, so it underrates edits the later text adapts to: below 0, not
+            at 0.
+        keyword_lookahead: keyword placements given a lookahead, per candidate of the budget (the
+            first-order estimate orders placements poorly, so it screens several per candidate).
+        general_lookahead: replacements, insertions and deletions given a lookahead, per candidate.
+        keyword_share: share of the budget that goes to missing keywords first, split between them
+            (adding a missing keyword is what most often raises J).
+        insertion_share: share of the general edits' lookahead that goes to insertions (2 at least).
+        deletions: deletions kept by first-order estimate before the general edits are ranked.
+        combined_edits: most improving single edits stacked into one combined candidate.
+        projected_share: hybrid: share of the budget for whole projected sequences of the continuous
+            step (one at least); ``projected_singles_share``: for their positions as single edits.
+        min_gain: a candidate must beat the current output by more than float noise between passes.
+    """
+
+    lookahead_tokens: int = 1
+    min_lookahead: float = -0.5
+    keyword_lookahead: int = 3
+    general_lookahead: float = 1.0
+    keyword_share: float = 0.75
+    insertion_share: float = 0.25
+    deletions: int = 4
+    combined_edits: int = 4
+    projected_share: float = 0.125
+    projected_singles_share: float = 0.25
+    min_gain: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.lookahead_tokens < 0 or self.deletions < 0 or self.combined_edits < 1:
+            raise ValueError("lookahead_tokens and deletions must be >= 0 and combined_edits >= 1")
+        shares = (
+            self.keyword_share,
+            self.insertion_share,
+            self.projected_share,
+            self.projected_singles_share,
+        )
+        if not all(0 <= s <= 1 for s in shares) or self.keyword_lookahead < 0 or self.general_lookahead < 0:
+            raise ValueError("budget shares must be between 0 and 1 and lookahead counts >= 0")
+
+    def keyword_shortlist(self, budget: int, keywords: int) -> int:
+        """Keyword placements given a lookahead per missing keyword (one at least)."""
+        return max(1, self.keyword_lookahead * budget // max(1, keywords))
+
+    def general_shortlist(self, budget: int) -> int:
+        """General edits given a lookahead (one at least)."""
+        return max(1, int(self.general_lookahead * budget))
+
+    def shortlist(self, budget: int, keywords: int) -> int:
+        """Most edits given a lookahead in one step: what the cost model budgets for."""
+        placements = self.keyword_shortlist(budget, keywords) * keywords if keywords else 0
+        return max(placements, self.keyword_lookahead * budget) + self.general_shortlist(budget)
