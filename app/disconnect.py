@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from fastapi import Request
 
+from app.engine import Engine, Job, JobResult
 from app.errors import APIError
 
 T = TypeVar("T")
@@ -49,3 +50,20 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+
+
+async def submit_all(request: Request, engine: Engine, jobs: Sequence[Job]) -> list[JobResult]:
+    """The results of ``jobs``, submitted together so that the engine can batch them.
+
+    If one fails, or the client leaves, the others are cancelled too: their queued work is dropped.
+    """
+
+    async def run_all() -> list[JobResult]:
+        tasks = [asyncio.ensure_future(engine.submit(job)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    return await unless_disconnected(request, run_all())

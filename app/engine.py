@@ -74,6 +74,31 @@ class RequestTimeoutError(TimeoutError):
     """The job did not finish within its ``timeout_s`` (queue time included); it was dropped."""
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """How the engine batches and queues jobs, and how long they may take.
+
+    Args:
+        max_batch_size: most jobs per batch.
+        batch_window_s: how long the worker waits for more jobs after the first one.
+        max_queue: most jobs waiting; ``submit`` beyond that raises ``QueueFullError``.
+        request_timeout_s: default time limit of a job, queue time included.
+        stall_timeout_s: ``stalled`` turns true when work waits and no progress was made for this long.
+    """
+
+    max_batch_size: int = 8
+    batch_window_s: float = 0.01
+    max_queue: int = 64
+    request_timeout_s: float = 120.0
+    stall_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.batch_window_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_window_s >= 0")
+        if self.request_timeout_s <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("request_timeout_s and stall_timeout_s must be > 0")
+
+
 class EngineStoppedError(RuntimeError):
     """The engine is not running (not started yet, or shutting down): retry on another replica."""
 
@@ -185,40 +210,22 @@ class Engine:
     Args:
         loaded: the model and tokenizer.
         refiner: the ``Refiner`` (refinement and best_of scoring); None serves plain generation only.
-        max_batch_size: most jobs per batch.
-        batch_window_s: how long the worker waits for more jobs after the first one.
-        max_queue: most jobs waiting; ``submit`` beyond that raises ``QueueFullError``.
-        request_timeout_s: default time limit of a job, queue time included.
+        limits: batching, queue and time limits (``EngineLimits``; its defaults when None).
         admission: the cost budgets (``app.admission``); None = no budgets, every job small.
-        stall_timeout_s: ``stalled`` turns true when work waits and no progress was made for this long.
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
         refiner: Refiner | None,
-        max_batch_size: int = 8,
-        batch_window_s: float = 0.01,
-        max_queue: int = 64,
-        request_timeout_s: float = 120.0,
+        limits: EngineLimits | None = None,
         admission: Admission | None = None,
-        stall_timeout_s: float = 60.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or batch_window_s < 0 or request_timeout_s <= 0:
-            raise ValueError(
-                "max_batch_size and max_queue must be >= 1, batch_window_s >= 0, request_timeout_s > 0"
-            )
-        if stall_timeout_s <= 0:
-            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
         self.loaded = loaded
         self.refiner = refiner
         self.generator = BatchGenerator(loaded)
-        self.max_batch_size = max_batch_size
-        self.batch_window_s = batch_window_s
-        self.max_queue = max_queue
-        self.request_timeout_s = request_timeout_s
+        self.limits = limits or EngineLimits()
         self.admission = admission
-        self.stall_timeout_s = stall_timeout_s
         self._last_progress = time.monotonic()
         self._running = False  # a batch is being processed (written by the worker only)
         self._current: list[_Pending] = []  # the top-level batch being processed, and since when
@@ -331,7 +338,7 @@ class Engine:
         if not self._thread.is_alive():
             return True
         busy = self._running or bool(self._queue)
-        return busy and time.monotonic() - self._last_progress > self.stall_timeout_s
+        return busy and time.monotonic() - self._last_progress > self.limits.stall_timeout_s
 
     def _progress(self) -> None:
         self._last_progress = time.monotonic()
@@ -407,14 +414,16 @@ class Engine:
         cost = self._admit(job)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        timeout = job.timeout_s if job.timeout_s is not None else self.request_timeout_s
+        timeout = job.timeout_s if job.timeout_s is not None else self.limits.request_timeout_s
         p = _Pending(job, params, loop, loop.create_future(), now, now + timeout, cost=cost)
         if stream:
             p.events = asyncio.Queue()
         with self._cond:
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) >= self.limits.max_queue:
                 metrics.REJECTED_REQUESTS.labels(reason="queue_full").inc()
-                raise QueueFullError(f"the server is busy ({self.max_queue} requests waiting): retry later")
+                raise QueueFullError(
+                    f"the server is busy ({self.limits.max_queue} requests waiting): retry later"
+                )
             if (
                 cost is not None
                 and 0 < (ahead := self._work_ahead(p))
@@ -438,7 +447,9 @@ class Engine:
         one) and pass large ones, which only wait, so a small job counts only the small ones.
         Call with ``self._cond`` held."""
         ahead = [q for q in self._queue if q.small or not p.small]
-        seconds = sum(q.cost.wall_seconds / (self.max_batch_size if q.small else 1) for q in ahead if q.cost)
+        seconds = sum(
+            q.cost.wall_seconds / (self.limits.max_batch_size if q.small else 1) for q in ahead if q.cost
+        )
         if self._current and not (p.small and not all(q.small for q in self._current)):
             running = max((q.cost.wall_seconds for q in self._current if q.cost), default=0.0)
             seconds += max(0.0, running - (time.monotonic() - self._current_since))
@@ -540,9 +551,9 @@ class Engine:
             if self._stopping:
                 return None
             batch = [self._queue.popleft()]
-            window_end = time.monotonic() + self.batch_window_s
-            while batch[0].small and len(batch) < self.max_batch_size and not self._stopping:
-                more = self._take_small(self.max_batch_size - len(batch), self._memory_left(batch))
+            window_end = time.monotonic() + self.limits.batch_window_s
+            while batch[0].small and len(batch) < self.limits.max_batch_size and not self._stopping:
+                more = self._take_small(self.limits.max_batch_size - len(batch), self._memory_left(batch))
                 if more:
                     batch += more
                     continue
@@ -590,7 +601,7 @@ class Engine:
             # 1 / (1 - SMALL_SHARE) times however many small ones arrive.
             if serves and self._queue and lent <= SMALL_SHARE * (now - started):
                 with self._cond:
-                    small = self._take_small(self.max_batch_size, self._memory_left([]))
+                    small = self._take_small(self.limits.max_batch_size, self._memory_left([]))
                     metrics.QUEUE_SIZE.set(len(self._queue))
                 small = [p for p in small if not p.cancelled]
                 if small:

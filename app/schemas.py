@@ -1,17 +1,22 @@
 """Request and response models: the text-generation-inference (TGI) protocol and the OpenAI protocol.
 
-Validation lives here: every static rule (types, ranges, TGI's cross-field rules) is a pydantic
-constraint, so the OpenAPI schema documents it and an invalid request never reaches the engine. Rules
-that depend on settings (token caps, keyword and candidate limits) are checked against the loaded
-model's tokenizer by ``app.tokenization`` and ``app.jobs``, and a request's cost by ``app.admission``.
+Validation lives here: every static rule (types, ranges, cross-field rules such as "best_of needs
+sampling") is a pydantic constraint, so the OpenAPI schema documents it and an invalid request never
+reaches the engine. A request converts itself into engine parameters (``to_sampling_params``,
+``to_refine_config``, ``to_best_of``); the rules that depend on the settings or on the model are
+checked on the way by ``app.limits.RequestLimits``, the token limits of prompts by
+``app.tokenization`` and a request's cost by ``app.admission``. Routes build their answers as the
+response models below, so what is sent is what the OpenAPI schema declares.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from app.errors import ValidationFailed
+from app.settings import RefineMethod
 from refiners.config import (
     MAX_CANDIDATES,
     MAX_KEYWORD_CHARS,
@@ -19,10 +24,25 @@ from refiners.config import (
     MAX_LENGTH_PENALTY,
     MAX_STEPS,
     MAX_WEIGHT,
+    RefineConfig,
 )
+from refiners.errors import InvalidRequestError
+from refiners.generation import MAX_SEED, SamplingParams
 
-MAX_SEED = 2**63 - 1
+if TYPE_CHECKING:
+    from app.engine import JobResult
+    from app.limits import RequestLimits
+
 KeywordStr = Annotated[str, Field(min_length=1, max_length=MAX_KEYWORD_CHARS)]
+StopStr = Annotated[str, Field(min_length=1, max_length=256)]
+# Sampling at a temperature this low is greedy decoding in all but name (and overflows float32 logits).
+GREEDY_BELOW = 1e-4
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _absent_if_none() -> Any:
+    """A field that defaults to None and is left out of the JSON answer while it is None."""
+    return Field(None, exclude_if=lambda value: value is None)
 
 
 class _Strict(BaseModel):
@@ -32,6 +52,31 @@ class _Strict(BaseModel):
     # strict: a JSON string or bool where a number is expected ("8", true) is a client bug, not an
     # 8 or a 1; an int where a float is expected still counts, as JSON has one number type.
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _reject_unsupported(values: Any, fields: dict[str, Any]) -> Any:
+    """Raise for parameters we accept in the schema (clients send them) but cannot honour."""
+    if isinstance(values, dict):
+        for name, neutral in fields.items():
+            value = values.get(name)
+            if value is not None and value != neutral:
+                raise ValueError(f"parameter {name!r} is not supported by this server: leave it out")
+    return values
+
+
+def _best_of_needs_sampling(best_of: int | None, sampling: bool, how: str) -> None:
+    """The one rule for both protocols: several sequences to choose from exist only when sampling."""
+    if best_of is not None and best_of > 1 and not sampling:
+        raise ValueError(f"best_of > 1 needs sampling (greedy sequences are all the same): {how}")
+
+
+def _sampling_params(where: str, **kwargs: Any) -> SamplingParams:
+    """``SamplingParams(**kwargs)``; its refusals (the library's own checks) become 422 answers whose
+    message starts with ``where``, the request's path to the parameters."""
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidRequestError as exc:
+        raise ValidationFailed(f"{where}{exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +89,7 @@ class RefineParameters(_Strict):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = Field(None, description="false: plain generation; default: server setting")
-    method: Literal["coordinate", "gradient", "hybrid"] | None = Field(None, description="refinement method")
+    method: RefineMethod | None = Field(None, description="refinement method")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="refinement steps")
     candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES, description="edits scored per step")
     keywords: list[KeywordStr] = Field(
@@ -60,6 +105,34 @@ class RefineParameters(_Strict):
         default_factory=dict, description=f"weight of each objective term by name (0 to {MAX_WEIGHT:g})"
     )
     step_size: float = Field(1.0, gt=0, le=100, description="continuous step of gradient/hybrid methods")
+
+    @staticmethod
+    def config_of(params: RefineParameters | None, limits: RequestLimits, field: str) -> RefineConfig | None:
+        """The refinement a request's ``refine`` asks for; None for plain generation (``enabled``
+        false, or left out while the server default is off)."""
+        params = params or RefineParameters()
+        enabled = limits.settings.refine_default_enabled if params.enabled is None else params.enabled
+        return params.to_refine_config(limits, field) if enabled else None
+
+    def to_refine_config(self, limits: RequestLimits, field: str) -> RefineConfig:
+        """This refinement with the server defaults filled in, checked against the server's limits."""
+        s = limits.settings
+        keywords = limits.keywords(self.keywords, f"{field}.keywords")
+        candidates = limits.candidates(self.candidates, f"{field}.candidates")
+        weights = limits.weights(self.weights, f"{field}.weights")
+        try:
+            return RefineConfig(
+                method=self.method or s.refine_default_method,
+                steps=self.steps or s.refine_default_steps,
+                candidates=candidates,
+                keywords=keywords,
+                length_penalty=self.length_penalty,
+                target_length=self.target_length,
+                weights=weights,
+                step_size=self.step_size,
+            )
+        except InvalidRequestError as exc:
+            raise ValidationFailed(f"{field}: {exc}") from exc
 
 
 class Refinement(BaseModel):
@@ -79,17 +152,29 @@ class Refinement(BaseModel):
     steps: int
     improved: bool
 
+    @classmethod
+    def of(cls, result: JobResult) -> Refinement | None:
+        """The report of a job's refinement (with the job's wall times); None for plain generation."""
+        r = result.refinement
+        if r is None:
+            return None
+        timing = {"generate_seconds": result.generate_seconds, "refine_seconds": result.refine_seconds}
+        reported = {name: getattr(r, name) for name in cls.model_fields.keys() - timing.keys()}
+        return cls.model_validate({**reported, **timing})
+
 
 # --------------------------------------------------------------------------------------------------
 # TGI protocol
 
-
-def _reject_unsupported(values: dict[str, Any], fields: dict[str, Any]) -> None:
-    """Raise for TGI parameters we accept in the schema (clients send them) but cannot honour."""
-    for name, neutral in fields.items():
-        value = values.get(name)
-        if value is not None and value != neutral:
-            raise ValueError(f"parameter {name!r} is not supported by this server: leave it out")
+# Parameters TGI clients send, accepted only with these neutral values.
+_TGI_NEUTRAL = {
+    "frequency_penalty": 0.0,
+    "typical_p": 1.0,
+    "top_n_tokens": 0,
+    "watermark": False,
+    "grammar": None,
+    "adapter_id": None,
+}
 
 
 class GenerateParameters(_Strict):
@@ -106,9 +191,9 @@ class GenerateParameters(_Strict):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     return_full_text: bool | None = Field(False, description="prepend the input to generated_text")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list)
+    stop: list[StopStr] = Field(default_factory=list)
     temperature: float | None = Field(
-        None, ge=1e-4, le=100, description="> 0; for greedy use do_sample false"
+        None, ge=GREEDY_BELOW, le=100, description="> 0; for greedy use do_sample false"
     )
     top_k: int | None = Field(None, gt=0, le=1_000_000)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -125,19 +210,7 @@ class GenerateParameters(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _supported(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            _reject_unsupported(
-                values,
-                {
-                    "frequency_penalty": 0.0,
-                    "typical_p": 1.0,
-                    "top_n_tokens": 0,
-                    "watermark": False,
-                    "grammar": None,
-                    "adapter_id": None,
-                },
-            )
-        return values
+        return _reject_unsupported(values, _TGI_NEUTRAL)
 
     @property
     def sampling(self) -> bool:
@@ -151,12 +224,30 @@ class GenerateParameters(_Strict):
 
     @model_validator(mode="after")
     def _best_of_rules(self) -> GenerateParameters:
-        if self.best_of is not None and self.best_of > 1:
-            if not self.sampling:
-                raise ValueError("best_of > 1 needs sampling: set do_sample to true (or a temperature)")
-            if self.seed is not None:
-                raise ValueError("seed must not be set when best_of > 1: each sequence gets its own seed")
+        _best_of_needs_sampling(self.best_of, self.sampling, "set do_sample to true (or a temperature)")
+        if self.best_of is not None and self.best_of > 1 and self.seed is not None:
+            raise ValueError("seed must not be set when best_of > 1: each sequence gets its own seed")
         return self
+
+    def to_sampling_params(self, max_new_tokens: int, limits: RequestLimits) -> SamplingParams:
+        """How to generate: sampling is on when asked for or when a warper is set."""
+        return _sampling_params(
+            "parameters: ",
+            max_new_tokens=max_new_tokens,
+            do_sample=self.sampling,
+            temperature=self.temperature if self.temperature is not None else 1.0,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=limits.stop(self.stop, "parameters.stop"),
+        )
+
+    def to_refine_config(self, limits: RequestLimits) -> RefineConfig | None:
+        return RefineParameters.config_of(self.refine, limits, "parameters.refine")
+
+    def to_best_of(self, limits: RequestLimits) -> int:
+        return limits.best_of(self.best_of, "parameters.best_of")
 
 
 class GenerateRequest(_Strict):
@@ -198,51 +289,59 @@ class RefineOnlyRequest(_Strict):
     output: str = Field(min_length=1, description="the output to refine (from any model)")
     parameters: RefineOnlyParameters = Field(default_factory=RefineOnlyParameters)
 
+    def to_refine_config(self, limits: RequestLimits) -> RefineConfig:
+        # Refining is the point of this route: a server default of off does not apply (and the schema
+        # refuses "enabled": false).
+        return (self.parameters.refine or RefineParameters()).to_refine_config(limits, "parameters.refine")
 
-class PrefillToken(BaseModel):
+    @staticmethod
+    def to_sampling_params(output_tokens: int) -> SamplingParams:
+        """Parameters of a job that generates nothing itself: the engine skips generation when the
+        job carries ``output_ids``."""
+        return SamplingParams(max_new_tokens=max(1, output_tokens))
+
+
+class Token(BaseModel):
+    """A token and the text it adds; ``logprob`` is None for prompt tokens (not computed)."""
+
     id: int
     text: str
     logprob: float | None = None
-
-
-class Token(PrefillToken):
     special: bool
 
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
-class BestOfSequence(BaseModel):
-    generated_text: str
+class GeneratedSummary(BaseModel):
+    """What every TGI answer says about a generated sequence."""
+
     finish_reason: FinishReason
     generated_tokens: int
     seed: int | None = None
-    prefill: list[PrefillToken] = Field(default_factory=list)
+
+
+class BestOfSequence(GeneratedSummary):
+    generated_text: str
+    prefill: list[Token] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
 
 
-class Details(BaseModel):
-    """TGI details. ``prefill`` and ``tokens`` are present only when asked for."""
-
-    finish_reason: FinishReason
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[PrefillToken] | None = None
-    tokens: list[Token] | None = None
-    best_of_sequences: list[BestOfSequence] | None = None
+class StreamDetails(GeneratedSummary):
     refinement: Refinement | None = None
+
+
+class Details(StreamDetails):
+    """TGI details. ``prefill``, ``tokens`` and ``best_of_sequences`` are present only when asked for."""
+
+    prefill: list[Token] | None = _absent_if_none()
+    tokens: list[Token] | None = _absent_if_none()
+    best_of_sequences: list[BestOfSequence] | None = _absent_if_none()
 
 
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
-
-
-class StreamDetails(BaseModel):
-    finish_reason: FinishReason
-    generated_tokens: int
-    seed: int | None = None
-    refinement: Refinement | None = None
 
 
 class StreamResponse(BaseModel):
@@ -260,7 +359,7 @@ class RefineOnlyResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The TGI error body."""
+    """The error body of every answer, and the last event of a stream that failed after it started."""
 
     error: str
     error_type: str
@@ -270,7 +369,7 @@ class ErrorResponse(BaseModel):
 # OpenAI protocol
 
 
-class _OpenAIBase(_Strict):
+class _OpenAIRequest(_Strict):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="ignored: this server serves one model")
@@ -278,7 +377,8 @@ class _OpenAIBase(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=8, description="choices to return")
     stream: bool = False
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = None
+    stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true}: a usage chunk')
+    stop: str | list[StopStr] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -292,26 +392,55 @@ class _OpenAIBase(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _supported(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            _reject_unsupported(
-                values, {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": ""}
-            )
-        return values
+        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": ""}
+        return _reject_unsupported(values, neutral)
 
     @model_validator(mode="after")
-    def _stream_single_choice(self) -> _OpenAIBase:
+    def _stream_single_choice(self) -> _OpenAIRequest:
         if self.stream and self.n > 1:
             raise ValueError("n > 1 is not supported when streaming: send one request per choice")
         return self
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def sampling(self) -> bool:
+        """OpenAI samples at temperature 1 by default; 0 (or below ``GREEDY_BELOW``, where dividing
+        the logits would overflow) means greedy."""
+        return (1.0 if self.temperature is None else self.temperature) >= GREEDY_BELOW
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    @property
+    def requested_tokens(self) -> tuple[int | None, str]:
+        """The tokens to generate (None: the server default) and the field that asked for them."""
+        raise NotImplementedError
+
+    def to_sampling_params(
+        self, max_new_tokens: int, limits: RequestLimits, choice: int = 0
+    ) -> SamplingParams:
+        """How to generate choice ``choice``; with a seed, choice i uses seed + i so that they differ."""
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        return _sampling_params(
+            "",
+            max_new_tokens=max_new_tokens,
+            do_sample=self.sampling,
+            temperature=self.temperature if self.sampling and self.temperature is not None else 1.0,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=limits.stop(stop, "stop"),
+        )
+
+    def to_refine_config(self, limits: RequestLimits) -> RefineConfig | None:
+        return RefineParameters.config_of(self.refine, limits, "refine")
+
+    def to_best_of(self, limits: RequestLimits) -> int:
+        return 1
 
 
-class CompletionRequest(_OpenAIBase):
+class CompletionRequest(_OpenAIRequest):
     """``POST /v1/completions`` body."""
 
     prompt: (
@@ -321,12 +450,31 @@ class CompletionRequest(_OpenAIBase):
     max_tokens: int | None = Field(None, ge=1, description="default 16 (OpenAI)")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5, description="return each chosen token's log-probability")
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, description="> 1 needs sampling (a temperature above 0)")
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt_when_streaming(cls, prompt: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if info.data.get("stream") and isinstance(prompt, list) and len(prompt) > 1:
+            raise ValueError("streaming takes one prompt: send one request per prompt")
+        return prompt
+
+    @model_validator(mode="after")
+    def _best_of_rules(self) -> CompletionRequest:
+        _best_of_needs_sampling(self.best_of, self.sampling, "set temperature above 0 (or leave it out)")
+        return self
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def requested_tokens(self) -> tuple[int | None, str]:
+        return self.max_tokens or OPENAI_DEFAULT_MAX_TOKENS, "max_tokens"
+
+    def to_best_of(self, limits: RequestLimits) -> int:
+        return limits.best_of(self.best_of, "best_of")
 
 
 class TextPart(_Strict):
@@ -350,7 +498,7 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_OpenAIBase):
+class ChatCompletionRequest(_OpenAIRequest):
     """``POST /v1/chat/completions`` body (the model's chat template builds the prompt)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
@@ -358,7 +506,6 @@ class ChatCompletionRequest(_OpenAIBase):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0 is supported")
-    stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -367,11 +514,29 @@ class ChatCompletionRequest(_OpenAIBase):
             raise ValueError("tools are not supported by this server: leave them out")
         return self
 
+    @property
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them (``developer`` is the newer name of ``system``)."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages
+        ]
+
+    @property
+    def requested_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        total = prompt_tokens + completion_tokens
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
 
 
 class CompletionLogprobs(BaseModel):
@@ -381,21 +546,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class _Choice(BaseModel):
     index: int
-    text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: CompletionLogprobs | None = None
     refinement: Refinement | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -403,21 +573,57 @@ class ChatCompletionMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: dict[str, Any] | None = None
-    refinement: Refinement | None = None
+    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatDelta(BaseModel):
+    """What a chunk adds to the message: the role in the first chunk, then the content."""
+
+    role: Literal["assistant"] | None = _absent_if_none()
+    content: str | None = _absent_if_none()
+
+
+class ChatChunkChoice(_Choice):
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+
+
+class _OpenAIObject(BaseModel):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class CompletionResponse(_OpenAIObject):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_OpenAIObject):
+    """One server-sent event of a streamed completion; the usage chunk has no choices."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = _absent_if_none()
+
+
+class ChatCompletionResponse(_OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class ChatCompletionChunk(_OpenAIObject):
+    """One server-sent event of a streamed chat completion; the usage chunk has no choices."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = _absent_if_none()
 
 
 class ModelCard(BaseModel):

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from app.errors import ValidationFailed
 from app.settings import Settings
+from refiners.generation import IncrementalDetokenizer
 
 # Each message's content is rendered as "\ue000<index>\ue001" to find where the template put it.
 # Private-use characters: no template writes them and no jinja filter (trim, upper, ...) changes them.
@@ -54,7 +55,8 @@ class PromptTokenizer:
         self.max_new_tokens = settings.max_new_tokens
         self.default_max_new_tokens = settings.default_max_new_tokens
         self.special_ids = frozenset(tokenizer.all_special_ids)
-        # The tokens a chat template marks turns with: what message content must never produce.
+        # The tokens a chat template marks turns with: what message content must never produce (and
+        # what decoding with skip_special_tokens leaves out).
         self.control_ids = frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
         self._plain = _plain_text_tokenizer(tokenizer)
 
@@ -186,22 +188,17 @@ class PromptTokenizer:
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """The text each token adds, special tokens included (``<|im_end|>``).
 
-        Decoding ids one at a time breaks multi-byte characters split across tokens, so each token's
-        text is the difference between the decoded prefixes ending after and before it.
+        The same pieces as streamed (``IncrementalDetokenizer``: a character split over several tokens
+        comes with the token that completes it), except that a special token, which decodes to nothing
+        there, reports its own text, as TGI does.
         """
-        texts: list[str] = []
-        previous = ""
-        for i in range(len(ids)):
-            current = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
-            if current.startswith(previous) and not current.endswith("\ufffd"):
-                texts.append(current[len(previous) :])
-                previous = current
-            elif current.endswith("\ufffd"):
-                texts.append("")  # an incomplete character: its text arrives with the next token
-            else:
-                texts.append(self.tokenizer.decode(ids[i : i + 1], skip_special_tokens=False))
-                previous = current
-        return texts
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        return [
+            self.tokenizer.decode([i], skip_special_tokens=False)
+            if i in self.control_ids
+            else detokenizer.push(i)
+            for i in ids
+        ]
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids

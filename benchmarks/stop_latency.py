@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "stop-latency.json")
     args = parser.parse_args(argv)
 
-    from app.engine import Engine, Job
+    from app.engine import Engine, EngineLimits, Job
     from refiners import RefineConfig, Refiner, load_model
     from refiners.generation import SamplingParams
 
     loaded = load_model()
     refiner = Refiner(loaded)
-    engine = Engine(loaded, refiner, request_timeout_s=3600)
+    engine = Engine(loaded, refiner, EngineLimits(request_timeout_s=3600))
     engine.warm_up()
     phase = {"now": "idle"}
     generate, refine = engine.generator.generate, refiner.refine

@@ -112,15 +112,16 @@ def server_factory() -> Iterator[Callable[..., LiveServer]]:
 
 @pytest.fixture
 def make_engine(loaded: LoadedModel, refiner: Any) -> Iterator[Callable[..., Any]]:
-    """``make_engine(**kwargs)``: a started ``Engine`` over the requesting module's ``loaded`` model and
-    ``refiner`` fixtures, stopped after the test."""
-    from app.engine import Engine
+    """``make_engine(admission=None, **limits)``: a started ``Engine`` over the requesting module's
+    ``loaded`` model and ``refiner`` fixtures (``limits``: ``EngineLimits`` fields), stopped after the
+    test."""
+    from app.engine import Engine, EngineLimits
 
     engines: list[Engine] = []
 
-    def make(**kwargs: Any) -> Engine:
-        kwargs.setdefault("batch_window_s", 0.05)
-        engine = Engine(loaded, refiner, **kwargs)
+    def make(admission: Any = None, **limits: Any) -> Engine:
+        limits.setdefault("batch_window_s", 0.05)
+        engine = Engine(loaded, refiner, EngineLimits(**limits), admission)
         engine.start()
         engines.append(engine)
         return engine

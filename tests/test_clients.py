@@ -175,3 +175,57 @@ def test_httpx_generate_stream(server: LiveServer, plain_text: str):
     assert final["details"]["refinement"]["initial_text"] == plain_text
     assert final["generated_text"] == final["details"]["refinement"]["refined_text"]
     assert [e["index"] for e in events] == list(range(len(events)))
+
+
+@pytest.fixture
+def failing_streams(server: LiveServer, monkeypatch):
+    """Every stream of the server fails after its first token, as a NaN in the forward pass would."""
+    from app.engine import TokenEvent
+    from refiners.errors import NumericalError
+
+    def stream(job):
+        async def events():
+            yield TokenEvent(token_id=job.prompt_ids[-1], logprob=-0.5, text=" the")
+            raise NumericalError("the logits became NaN")
+
+        return events()
+
+    monkeypatch.setattr(server.app.state.service.ready.engine, "stream", stream)
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_with_one_error_event_every_client_raises(
+    server: LiveServer, failing_streams, hub_online
+):
+    import openai
+    import text_generation.errors
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import GenerationError
+
+    expected = {"error": "generation failed: the logits became NaN", "error_type": "generation"}
+    requests = {
+        "/generate_stream": {"inputs": PROMPT, "parameters": {"max_new_tokens": NEW_TOKENS}},
+        "/v1/completions": {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "stream": True},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+    }
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for path, body in requests.items():
+            with client.stream("POST", path, json=body) as r:
+                assert r.status_code == 200, path
+                events = sse_events(r.iter_lines())
+            # TGI holds each token back until the next one comes: only the error event is left.
+            assert events[-1] == expected and expected not in events[:-1], (path, events)
+
+    with pytest.raises(GenerationError, match="logits became NaN"):
+        list(
+            InferenceClient(base_url=server.url).text_generation(
+                PROMPT, max_new_tokens=NEW_TOKENS, stream=True
+            )
+        )
+    with pytest.raises(text_generation.errors.GenerationError, match="logits became NaN"):
+        list(
+            text_generation.Client(server.url, timeout=120).generate_stream(PROMPT, max_new_tokens=NEW_TOKENS)
+        )
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    with pytest.raises(openai.APIError) as raised:
+        list(client.completions.create(model="refiner", prompt=PROMPT, max_tokens=NEW_TOKENS, stream=True))
+    assert "logits became NaN" in str(raised.value.body)

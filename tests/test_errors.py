@@ -56,7 +56,7 @@ BAD_JSON_REQUESTS = [
     ("top_p zero", "/generate", gen(top_p=0.0), ["top_p"]),
     ("negative seed", "/generate", gen(seed=-3), ["seed"]),
     ("truncate zero", "/generate", gen(truncate=0), ["truncate"]),
-    ("best_of without sampling", "/generate", gen(best_of=2), ["best_of", "sampl"]),
+    ("best_of without sampling", "/generate", gen(best_of=2), ["best_of", "sampling", "do_sample"]),
     ("best_of with seed", "/generate", gen(best_of=2, do_sample=True, seed=1), ["seed"]),
     ("best_of over limit", "/generate", gen(best_of=99, do_sample=True), ["best_of"]),
     ("best_of while streaming", "/", {**gen(best_of=2, do_sample=True), "stream": True}, ["best_of"]),
@@ -117,6 +117,18 @@ BAD_JSON_REQUESTS = [
         ["weights"],
     ),
     ("completions: stream with n > 1", "/v1/completions", {"prompt": "Hi", "n": 2, "stream": True}, ["n"]),
+    (
+        "completions: best_of when greedy",
+        "/v1/completions",
+        {"prompt": "Hi", "best_of": 2, "temperature": 0},
+        ["best_of", "sampling", "temperature"],
+    ),
+    (
+        "completions: stream with several prompts",
+        "/v1/completions",
+        {"prompt": ["Hi", "Ho"], "stream": True},
+        ["prompt", "one request per prompt"],
+    ),
     ("chat: no messages", "/v1/chat/completions", {"messages": []}, ["messages"]),
     (
         "chat: unknown role",
@@ -223,6 +235,14 @@ def test_input_plus_new_tokens_over_total_gets_422(server: LiveServer):
     assert r.status_code == 422, r.text
     assert "max_total_tokens" in r.json()["error"]
     assert fits.status_code == 200, fits.text
+
+
+def test_completions_best_of_is_accepted_when_sampling(server: LiveServer):
+    # The default temperature (1) samples, so best_of has sequences to choose from.
+    body = {"prompt": "Hi", "best_of": 2, "max_tokens": 2, "refine": {"enabled": False}}
+    with server.client() as client:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
 
 
 def test_server_keeps_serving_after_bad_requests(server: LiveServer):

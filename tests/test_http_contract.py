@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
+import jsonschema
 import pytest
 
 from tests.conftest import LiveServer, sse_events
@@ -112,20 +115,41 @@ def test_details_tokens_prefill_and_full_text(client: httpx.Client):
     assert len(truncated["details"]["prefill"]) == 3
 
 
+# Weights none of the defaults has (logprob 1, fluency 0.5, length 1, keywords 3).
+WEIGHTS = {"logprob": 0.7, "fluency": 0.3, "length": 1.5, "keywords": 2.0}
+
+
 def test_keywords_and_weights_reach_the_objective(client: httpx.Client):
-    body = generate(
-        client,
-        refine={"keywords": ["ocean"], "weights": {"keywords": 2.0}, "candidates": 4, "target_length": 6},
-    )
-    objective = body["details"]["refinement"]["objective_before"]
-    assert "keywords" in objective and "length" in objective
+    # A target no 8-token output reaches, so that the length term is never 0.
+    refine = {"keywords": ["ocean"], "candidates": 4, "target_length": 100}
+    objective = generate(client, refine={**refine, "weights": WEIGHTS})["details"]["refinement"][
+        "objective_before"
+    ]
+    parts = {name: value for name, value in objective.items() if name != "total"}
+    assert {"keywords", "length", "logprob"} <= set(parts) <= set(WEIGHTS)
+    # The total is the sum of the reported (unweighted) terms under the weights sent.
+    weighted = sum(WEIGHTS[name] * value for name, value in parts.items())
+    assert objective["total"] == pytest.approx(weighted, rel=1e-4, abs=1e-4)
+    # Doubling one weight moves the total by that term's value once more, and nothing else.
+    doubled = {**WEIGHTS, "length": 2 * WEIGHTS["length"]}
+    other = generate(client, refine={**refine, "weights": doubled})["details"]["refinement"][
+        "objective_before"
+    ]
+    assert parts["length"] < 0
+    assert other["length"] == pytest.approx(parts["length"], abs=1e-6)
+    assert other["total"] - objective["total"] == pytest.approx(WEIGHTS["length"] * parts["length"], abs=1e-4)
 
 
 def test_best_of_returns_the_best_sequence(client: httpx.Client):
     body = generate(client, best_of=2, do_sample=True, details=True, refine={"enabled": False})
-    assert body["details"]["generated_tokens"] >= 1
-    for seq in body["details"].get("best_of_sequences") or []:
-        assert {"generated_text", "finish_reason", "generated_tokens", "seed", "tokens"} <= set(seq)
+    details = body["details"]
+    assert 1 <= details["generated_tokens"] == len(details["tokens"])
+    assert details["seed"] is not None
+    # best_of 2: the answer is the best sequence, the other one is listed with its own seed.
+    (other,) = details["best_of_sequences"]
+    assert {"generated_text", "finish_reason", "generated_tokens", "seed", "tokens"} <= set(other)
+    assert 1 <= other["generated_tokens"] == len(other["tokens"])
+    assert other["seed"] is not None and other["seed"] != details["seed"]
 
 
 def test_generate_stream_events(client: httpx.Client):
@@ -211,3 +235,95 @@ def test_openapi_schema_lists_the_routes(client: httpx.Client):
         "/metrics",
     ):
         assert path in paths, path
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties refusing any other: an answer field the
+    schema does not declare then fails validation instead of passing unnoticed."""
+    if isinstance(schema, dict):
+        schema = {key: _closed(value) for key, value in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_closed(item) for item in schema]
+    return schema
+
+
+class OpenAPIDocument:
+    """Checks answers against the response schemas of the server's own ``/openapi.json``."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = _closed(document)
+
+    def check(
+        self, method: str, path: str, body: Any, media_type: str = "application/json", status: int = 200
+    ) -> None:
+        parts = ("paths", path, method, "responses", str(status), "content", media_type, "schema")
+        schema = self.document
+        for part in parts:
+            schema = schema[part]
+        if "$id" in schema:  # a schema resource of its own (an event stream's): its $defs are inside it
+            validator = jsonschema.Draft202012Validator(schema)
+        else:  # validate against the whole document so that "#/components/schemas/..." resolves
+            pointer = "/".join(part.replace("~", "~0").replace("/", "~1") for part in parts)
+            validator = jsonschema.Draft202012Validator({**self.document, "$ref": f"#/{pointer}"})
+        errors = sorted(validator.iter_errors(body), key=str)
+        assert not errors, f"{method.upper()} {path} ({status}, {media_type}): {errors[0].message}"
+
+
+def test_answers_match_the_response_models_of_the_openapi_schema(client: httpx.Client):
+    openapi = OpenAPIDocument(client.get("/openapi.json").json())
+    small = {"max_new_tokens": 3, "refine": {"candidates": 2}}
+    gets = {
+        "/health": client.get("/health"),
+        "/info": client.get("/info"),
+        "/v1/models": client.get("/v1/models"),
+    }
+    posts = {
+        "/generate": [
+            {"inputs": PROMPT, "parameters": {**small, "details": True, "decoder_input_details": True}},
+            {"inputs": PROMPT, "parameters": {**small, "best_of": 2, "do_sample": True, "details": True}},
+        ],
+        "/": [{"inputs": PROMPT, "parameters": small}],
+        "/refine": [{"inputs": PROMPT, "output": "The sea.", "parameters": {"refine": {"candidates": 2}}}],
+        "/v1/completions": [
+            {"prompt": [PROMPT, "Hi"], "n": 2, "max_tokens": 3, "echo": True, "logprobs": 1, "seed": 1},
+        ],
+        "/v1/chat/completions": [
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True},
+        ],
+    }
+    for path, r in gets.items():
+        assert r.status_code == 200, r.text
+        openapi.check("get", path, r.json())
+    for path, bodies in posts.items():
+        for body in bodies:
+            r = client.post(path, json=body)
+            assert r.status_code == 200, r.text
+            openapi.check("post", path, r.json())
+    refused = client.post("/generate", json={"inputs": ""})
+    assert refused.status_code == 422
+    openapi.check("post", "/generate", refused.json(), status=422)
+
+
+def test_streamed_events_match_the_event_schemas_of_the_openapi_schema(client: httpx.Client):
+    openapi = OpenAPIDocument(client.get("/openapi.json").json())
+    usage = {"stream": True, "stream_options": {"include_usage": True}, "max_tokens": 3}
+    streams = {
+        "/generate_stream": {
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 3, "refine": {"candidates": 2}},
+        },
+        "/v1/completions": {"prompt": PROMPT, "echo": True, **usage},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], **usage},
+    }
+    for path, body in streams.items():
+        with client.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            events = sse_events(r.iter_lines())
+        payloads = [e for e in events if e != "[DONE]"]
+        assert len(payloads) >= 2, events
+        for event in payloads:
+            openapi.check("post", path, event, media_type="text/event-stream")
+        if path.startswith("/v1/"):
+            assert events[-1] == "[DONE]" and payloads[-1]["usage"]["completion_tokens"] >= 1

@@ -1,7 +1,7 @@
 """text-generation-inference routes: ``POST /generate``, ``/generate_stream``, ``/`` and ``/refine``.
 
-Each route validates (schemas, then token limits), builds one engine ``Job`` and awaits it while
-watching for the client to leave:
+Each route tokenises the prompt (``PromptTokenizer``, which checks the token limits), lets the request
+convert itself into one engine ``Job`` and awaits it while watching for the client to leave:
 
 - ``/generate``: ``Job(prompt_ids, params, refine, best_of)`` -> ``engine.submit``.
 - ``/generate_stream``: the same job through ``engine.stream``; every token of the initial generation
@@ -14,179 +14,35 @@ watching for the client to leave:
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from app.disconnect import unless_disconnected
+from app.disconnect import submit_all
 from app.engine import Job, JobResult, TokenEvent
-from app.errors import classify, error_body
-from app.routes.common import SSE_HEADERS, refinement_of, sse
+from app.routes import ERRORS
+from app.routes.sse import sse_content, stream_job
 from app.schemas import (
-    ErrorResponse,
+    BestOfSequence,
+    Details,
+    GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    Refinement,
     RefineOnlyRequest,
     RefineOnlyResponse,
-    RefineParameters,
+    StreamDetails,
     StreamResponse,
+    Token,
 )
-from app.service import Service, get_service
-
-log = logging.getLogger(__name__)
+from app.service import ReadyService, get_service
+from app.tokenization import PromptTokenizer
+from refiners.generation import GenerationOutput
 
 router = APIRouter(tags=["text-generation-inference"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 422, 424, 429, 503, 504)
-}
-STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "server-sent events, one per token: `data: <StreamResponse JSON>`",
-        "content": {"text/event-stream": {"schema": StreamResponse.model_json_schema()}},
-    }
-}
-
-
-async def _prepare(service: Service, req: GenerateRequest) -> Job:
-    """Tokenise, check the limits and build the engine job of a TGI request."""
-    p = req.parameters
-    assert service.tokens is not None and service.jobs is not None
-    prompt_ids = await asyncio.to_thread(service.tokens.encode, req.inputs, p.truncate)
-    max_new_tokens = service.tokens.resolve_max_new_tokens(
-        p.max_new_tokens, len(prompt_ids), "parameters.max_new_tokens"
-    )
-    return Job(
-        prompt_ids=prompt_ids,
-        params=service.jobs.tgi_sampling(p, max_new_tokens),
-        refine=service.jobs.refine_config(p.refine),
-        best_of=service.jobs.check_best_of(p.best_of),
-    )
-
-
-def _tokens(service: Service, ids: list[int], logprobs: list[float | None]) -> list[dict[str, Any]]:
-    assert service.tokens is not None
-    texts = service.tokens.token_texts(ids)
-    return [
-        {"id": i, "text": t, "logprob": lp, "special": service.tokens.is_special(i)}
-        for i, t, lp in zip(ids, texts, logprobs, strict=True)
-    ]
-
-
-def _generate_body(service: Service, req: GenerateRequest, job: Job, result: JobResult) -> dict[str, Any]:
-    """The TGI answer: ``generated_text`` (refined) and ``details``; ``tokens``/``prefill`` when asked."""
-    p = req.parameters
-    gen = result.generation
-    assert gen is not None
-    text = req.inputs + result.text if p.return_full_text else result.text
-    details: dict[str, Any] = {
-        "finish_reason": gen.finish_reason,
-        "generated_tokens": len(gen.token_ids),
-        "seed": gen.seed if job.params.do_sample else None,
-    }
-    if p.details or p.decoder_input_details:
-        # Prompt log-probabilities are not computed by the engine: ids and texts only.
-        details["prefill"] = (
-            _tokens(service, job.prompt_ids, [None] * len(job.prompt_ids)) if p.decoder_input_details else []
-        )
-    if p.details:
-        details["tokens"] = _tokens(service, gen.token_ids, list(gen.logprobs))
-        others = getattr(result, "best_of_sequences", None)
-        if job.best_of > 1 and others:
-            details["best_of_sequences"] = [
-                {
-                    "generated_text": o.text,
-                    "finish_reason": o.finish_reason,
-                    "generated_tokens": len(o.token_ids),
-                    "seed": o.seed,
-                    "prefill": [],
-                    "tokens": _tokens(service, o.token_ids, list(o.logprobs)),
-                }
-                for o in others
-            ]
-    refinement = refinement_of(result)
-    details["refinement"] = refinement.model_dump() if refinement is not None else None
-    return {"generated_text": text, "details": details}
-
-
-async def _generate(request: Request, service: Service, req: GenerateRequest) -> dict[str, Any]:
-    job = await _prepare(service, req)
-    assert service.engine is not None
-    result = await unless_disconnected(request, service.engine.submit(job))
-    return _generate_body(service, req, job, result)
-
-
-async def _stream(request: Request, service: Service, req: GenerateRequest) -> StreamingResponse:
-    """Start the job and wait for its first event before answering, so that a full queue or a bad
-    request still gets a proper status code (429, 422) instead of an error event inside a 200."""
-    job = await _prepare(service, req)
-    assert service.engine is not None
-    events = service.engine.stream(job).__aiter__()
-    try:
-        first = await unless_disconnected(request, events.__anext__())
-    except BaseException:
-        await events.aclose()
-        raise
-    return StreamingResponse(
-        _tgi_events(service, req, job, first, events), media_type="text/event-stream", headers=SSE_HEADERS
-    )
-
-
-async def _tgi_events(
-    service: Service, req: GenerateRequest, job: Job, first: TokenEvent | JobResult, events: AsyncIterator
-) -> AsyncIterator[bytes]:
-    """TGI server-sent events. The last token is held back so that it can travel with the final text,
-    as TGI sends it; if the client leaves, Starlette cancels this generator and the engine drops the job."""
-    assert service.tokens is not None
-    pending: dict[str, Any] | None = None
-    index = 0
-    item: TokenEvent | JobResult = first
-    try:
-        while True:
-            if isinstance(item, TokenEvent):
-                if pending is not None:
-                    yield sse({"index": index, "token": pending, "generated_text": None, "details": None})
-                    index += 1
-                pending = {
-                    "id": item.token_id,
-                    "text": item.text,
-                    "logprob": item.logprob,
-                    "special": service.tokens.is_special(item.token_id),
-                }
-            else:
-                body = _generate_body(service, req, job, item)
-                gen = item.generation
-                assert gen is not None
-                if pending is None:  # no token event came (cannot happen with max_new_tokens >= 1)
-                    last = gen.token_ids[-1] if gen.token_ids else 0
-                    pending = {
-                        "id": last,
-                        "text": "",
-                        "logprob": None,
-                        "special": service.tokens.is_special(last),
-                    }
-                d = body["details"]
-                details = {k: d[k] for k in ("finish_reason", "generated_tokens", "seed", "refinement")}
-                yield sse(
-                    {
-                        "index": index,
-                        "token": pending,
-                        "generated_text": body["generated_text"],
-                        "details": details,
-                    }
-                )
-                return
-            item = await events.__anext__()
-    except StopAsyncIteration:
-        yield sse(error_body("the engine ended the stream without a result", "internal"))
-    except Exception as exc:  # after the first byte the status is sent: report the error as an event
-        _, message, error_type, _ = classify(exc)
-        yield sse(error_body(message, error_type))
-    finally:
-        await events.aclose()
+EVENTS = sse_content(StreamResponse)  # the OpenAPI declaration of the streamed answers
 
 
 @router.post(
@@ -196,21 +52,21 @@ async def _tgi_events(
     summary="Generate, then refine (TGI)",
 )
 async def generate(
-    req: GenerateRequest, request: Request, service: Service = Depends(get_service)
-) -> JSONResponse:
+    req: GenerateRequest, request: Request, service: ReadyService = Depends(get_service)
+) -> GenerateResponse:
     """Generate text for `inputs`, refine it, and return the refined text with TGI `details` and
     `details.refinement`. `parameters.refine` = `{"enabled": false}` gives plain generation."""
-    return JSONResponse(await _generate(request, service, req))
+    return await _generate(request, service, req)
 
 
 @router.post(
     "/generate_stream",
-    responses={**STREAM_RESPONSE, **ERRORS},
     response_class=StreamingResponse,
+    responses={200: {"description": "one event per token", "content": EVENTS}, **ERRORS},
     summary="Generate with streamed tokens, then refine (TGI)",
 )
 async def generate_stream(
-    req: GenerateRequest, request: Request, service: Service = Depends(get_service)
+    req: GenerateRequest, request: Request, service: ReadyService = Depends(get_service)
 ) -> StreamingResponse:
     """TGI server-sent events: each token of the initial generation as it comes; the last event's
     `generated_text` is the refined text and its `details.refinement` says what changed."""
@@ -219,40 +75,148 @@ async def generate_stream(
 
 @router.post(
     "/",
-    responses={200: {"model": list[GenerateResponse]}, **ERRORS},
+    response_model=list[GenerateResponse],
+    responses={200: {"content": EVENTS}, **ERRORS},
     summary="TGI compatibility route (what TGI clients post to)",
 )
 async def compat_generate(
-    req: GenerateRequest, request: Request, service: Service = Depends(get_service)
-) -> Any:
+    req: GenerateRequest, request: Request, service: ReadyService = Depends(get_service)
+) -> list[GenerateResponse] | StreamingResponse:
     """`stream: true` answers like `/generate_stream`; otherwise like `/generate`, as a one-element list."""
     if req.stream:
         return await _stream(request, service, req)
-    return JSONResponse([await _generate(request, service, req)])
+    return [await _generate(request, service, req)]
 
 
 @router.post("/refine", response_model=RefineOnlyResponse, responses=ERRORS, summary="Refine a given output")
 async def refine(
-    req: RefineOnlyRequest, request: Request, service: Service = Depends(get_service)
-) -> JSONResponse:
+    req: RefineOnlyRequest, request: Request, service: ReadyService = Depends(get_service)
+) -> RefineOnlyResponse:
     """Refine `output` (from any model) as an answer to `inputs`, without generating."""
-    assert service.tokens is not None and service.jobs is not None and service.engine is not None
-    p = req.parameters
-    prompt_ids = await asyncio.to_thread(service.tokens.encode, req.inputs, p.truncate)
+    job = await _refine_job(service, req)
+    (result,) = await submit_all(request, service.engine, [job])
+    return RefineOnlyResponse(generated_text=result.text, refinement=Refinement.of(result))
+
+
+async def _job(service: ReadyService, p: GenerateParameters, inputs: str) -> Job:
+    """Tokenise the prompt (within the token limits) and build the request's engine job."""
+    prompt_ids = await asyncio.to_thread(service.tokens.encode, inputs, p.truncate)
+    max_new_tokens = service.tokens.resolve_max_new_tokens(
+        p.max_new_tokens, len(prompt_ids), "parameters.max_new_tokens"
+    )
+    return Job(
+        prompt_ids=prompt_ids,
+        params=p.to_sampling_params(max_new_tokens, service.limits),
+        refine=p.to_refine_config(service.limits),
+        best_of=p.to_best_of(service.limits),
+    )
+
+
+async def _refine_job(service: ReadyService, req: RefineOnlyRequest) -> Job:
+    """The job that refines the given output: it carries ``output_ids``, so nothing is generated."""
+    prompt_ids = await asyncio.to_thread(service.tokens.encode, req.inputs, req.parameters.truncate)
     output_ids = await asyncio.to_thread(service.tokens.encode_output, req.output)
     service.tokens.resolve_max_new_tokens(len(output_ids), len(prompt_ids), "output")
-    # Refining is the point of this route: a server default of off does not apply (and the schema
-    # refuses "enabled": false).
-    params = (p.refine or RefineParameters()).model_copy(update={"enabled": True})
-    refine_config = service.jobs.refine_config(params)
-    assert refine_config is not None
-    job = Job(
+    return Job(
         prompt_ids=prompt_ids,
-        params=service.jobs.greedy(len(output_ids)),
-        refine=refine_config,
+        params=req.to_sampling_params(len(output_ids)),
+        refine=req.to_refine_config(service.limits),
         output_ids=output_ids,
     )
-    result = await unless_disconnected(request, service.engine.submit(job))
-    refinement = refinement_of(result)
-    assert refinement is not None
-    return JSONResponse({"generated_text": result.text, "refinement": refinement.model_dump()})
+
+
+async def _generate(request: Request, service: ReadyService, req: GenerateRequest) -> GenerateResponse:
+    job = await _job(service, req.parameters, req.inputs)
+    (result,) = await submit_all(request, service.engine, [job])
+    return GenerateResponse(
+        generated_text=_generated_text(req, result), details=_details(service.tokens, req, job, result)
+    )
+
+
+async def _stream(request: Request, service: ReadyService, req: GenerateRequest) -> StreamingResponse:
+    job = await _job(service, req.parameters, req.inputs)
+    return await stream_job(request, service.engine, job, _TGIEvents(service.tokens, req, job))
+
+
+def _generated_text(req: GenerateRequest, result: JobResult) -> str:
+    """The refined text (or the generated one), after the prompt when ``return_full_text``."""
+    return req.inputs + result.text if req.parameters.return_full_text else result.text
+
+
+def _generation(result: JobResult) -> GenerationOutput:
+    if result.generation is None:  # only jobs that refine a given output generate nothing
+        raise RuntimeError("a generation job came back without its generation")
+    return result.generation
+
+
+def _stream_details(job: Job, result: JobResult) -> StreamDetails:
+    gen = _generation(result)
+    return StreamDetails(
+        finish_reason=gen.finish_reason,
+        generated_tokens=len(gen.token_ids),
+        seed=gen.seed if job.params.do_sample else None,
+        refinement=Refinement.of(result),
+    )
+
+
+def _details(tokens: PromptTokenizer, req: GenerateRequest, job: Job, result: JobResult) -> Details:
+    """TGI ``details``; ``tokens`` (and ``best_of_sequences``) and ``prefill`` only when asked for."""
+    p, gen = req.parameters, _generation(result)
+    details = Details(**dict(_stream_details(job, result)))
+    if p.decoder_input_details:
+        # Prompt log-probabilities are not computed by the engine: ids and texts only.
+        details.prefill = _tokens(tokens, job.prompt_ids, [None] * len(job.prompt_ids))
+    elif p.details:
+        details.prefill = []
+    if p.details:
+        details.tokens = _tokens(tokens, gen.token_ids, gen.logprobs)
+        if job.best_of > 1:
+            details.best_of_sequences = [_best_of_sequence(tokens, o) for o in result.best_of_sequences]
+    return details
+
+
+def _best_of_sequence(tokens: PromptTokenizer, out: GenerationOutput) -> BestOfSequence:
+    return BestOfSequence(
+        generated_text=out.text,
+        finish_reason=out.finish_reason,
+        generated_tokens=len(out.token_ids),
+        seed=out.seed,
+        tokens=_tokens(tokens, out.token_ids, out.logprobs),
+    )
+
+
+def _tokens(tokens: PromptTokenizer, ids: Sequence[int], logprobs: Sequence[float | None]) -> list[Token]:
+    texts = tokens.token_texts(ids)
+    return [
+        Token(id=i, text=t, logprob=lp, special=tokens.is_special(i))
+        for i, t, lp in zip(ids, texts, logprobs, strict=True)
+    ]
+
+
+class _TGIEvents:
+    """TGI server-sent events: one ``StreamResponse`` per token. The last token is held back so that
+    it travels with the final text and details, as TGI sends it."""
+
+    def __init__(self, tokens: PromptTokenizer, req: GenerateRequest, job: Job) -> None:
+        self.tokens, self.req, self.job = tokens, req, job
+        self.pending: Token | None = None
+        self.index = 0
+
+    def token(self, event: TokenEvent) -> Iterator[StreamResponse]:
+        if self.pending is not None:
+            yield StreamResponse(index=self.index, token=self.pending)
+            self.index += 1
+        special = self.tokens.is_special(event.token_id)
+        self.pending = Token(id=event.token_id, text=event.text, logprob=event.logprob, special=special)
+
+    def result(self, result: JobResult) -> Iterator[StreamResponse]:
+        last = self.pending
+        if last is None:  # no token event came (cannot happen with max_new_tokens >= 1)
+            last_id = (_generation(result).token_ids or [0])[-1]
+            last = Token(id=last_id, text="", logprob=None, special=self.tokens.is_special(last_id))
+        yield StreamResponse(
+            index=self.index,
+            token=last,
+            generated_text=_generated_text(self.req, result),
+            details=_stream_details(self.job, result),
+        )
