@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 class HybridMethod(RefinementMethod):
+    """The gradient method's projections and their single edits, next to the coordinate proposals."""
+
     name = "hybrid"
 
     def __init__(self, search: SearchConfig | None = None) -> None:
