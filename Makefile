@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: install run test lint bench bench-quality bench-speed bench-soak image-test prometheus clean
+.PHONY: install run test lint bench bench-quality bench-speed bench-soak image-test prometheus chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ prometheus:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 	  || echo "prometheus not installed: its test will be skipped"; }
 
-test: install prometheus
+# Chromium (Debian package) is driven by Playwright in the playground test; installed when missing and we may.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "chromium not installed: the browser tests will be skipped"; }
+
+test: install prometheus chromium
 	$(BIN)/ruff check app refiners tests benchmarks
 	$(BIN)/python -m pytest -q -ra
 

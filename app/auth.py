@@ -1,5 +1,7 @@
 """Optional API key: when ``REFINER_API_KEY`` is set, every route but the probes (``/health``,
-``/ready``) needs ``Authorization: Bearer <key>``.
+``/ready``) and the playground page (``GET /`` and its files under ``/playground/``) needs
+``Authorization: Bearer <key>``. The page is open because it is what asks for the key; every API call it
+makes sends the key.
 
 Done as ASGI middleware rather than a route dependency so that it also covers the built-in routes
 (``/openapi.json``, ``/docs``) and unknown paths, which answer 401 instead of revealing a 404.
@@ -14,6 +16,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import error_response
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+PAGE_PREFIX = "/playground/"  # the playground's static files (app.routes.playground)
+
+
+def is_open(scope: Scope) -> bool:
+    """Probes, and reads of the playground page (``GET /``, not the TGI ``POST /``) and its files."""
+    path = scope["path"]
+    if path in OPEN_PATHS:
+        return True
+    return scope.get("method") in ("GET", "HEAD") and (path == "/" or path.startswith(PAGE_PREFIX))
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -34,7 +45,7 @@ class APIKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.api_key or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.api_key or is_open(scope):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope.get("headers", []))

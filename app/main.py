@@ -16,6 +16,7 @@ from app.auth import APIKeyMiddleware
 from app.errors import install_error_handlers
 from app.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from app.routes import info, openai, tgi
+from app.routes.playground import install_playground
 from app.service import Service, package_version
 from app.settings import Settings
 from refiners.models import LoadedModel
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.state.service = service
     for module in (tgi, openai, info):
         app.include_router(module.router)
+    install_playground(app)
     install_error_handlers(app)
     # Added last = outermost: metrics see every answer (401 and 413 included).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -1,4 +1,5 @@
-"""Optional API key: with REFINER_API_KEY set, every route but /health needs the bearer token."""
+"""Optional API key: with REFINER_API_KEY set, every route but /health and the playground page needs
+the bearer token."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def server(server_factory, tiny_model) -> LiveServer:
         ("GET", "/metrics"),
         ("GET", "/v1/models"),
         ("POST", "/generate"),
+        ("POST", "/"),  # the TGI route; GET / is the (open) playground page
         ("GET", "/openapi.json"),
         ("GET", "/no-such-route"),
     ],
@@ -43,6 +45,12 @@ def test_routes_need_the_key(server: LiveServer, method: str, path: str):
 
 def test_health_is_open(server: LiveServer):
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_playground_page_is_open(server: LiveServer):
+    """The page asks for the key itself, so it and its files load without one."""
+    assert httpx.get(f"{server.url}/").status_code == 200
+    assert httpx.get(f"{server.url}/playground/app.js").status_code == 200
 
 
 def test_right_key_is_accepted(server: LiveServer):
