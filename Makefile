@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: install run test lint bench bench-quality bench-speed bench-soak image-test prometheus chromium clean
+.PHONY: install run test test-upstream lint bench bench-quality bench-speed bench-soak image-test prometheus chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ chromium:
 test: install prometheus chromium
 	$(BIN)/ruff check app refiners tests benchmarks
 	$(BIN)/python -m pytest -q -ra
+
+# Opt-in, not part of `test`: the upstream-generator tests against a real llama.cpp server on the embedded
+# model's GGUF. llama-cpp-python is built from source for the CPU (about 11 minutes on 2 cores, once; pip
+# keeps the wheel); 0.3.36 reads the embedded SmolLM2 Q4_1 GGUF.
+LLAMA_CPP_PYTHON := 0.3.36
+$(VENV)/.llama-cpp-installed: $(STAMP)
+	CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install --no-binary llama-cpp-python 'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
+	touch $@
+
+test-upstream: $(VENV)/.llama-cpp-installed
+	PY=$(BIN)/python bash tests/llama_upstream.sh
 
 lint: install
 	$(BIN)/ruff check app refiners tests benchmarks

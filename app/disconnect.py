@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from app.engine import Engine, Job, JobResult
+from app.engine import Job, JobResult, JobRunner
 from app.errors import APIError
 
 T = TypeVar("T")
@@ -52,14 +52,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
                     await t
 
 
-async def submit_all(request: Request, engine: Engine, jobs: Sequence[Job]) -> list[JobResult]:
-    """The results of ``jobs``, submitted together so that the engine can batch them.
+async def submit_all(request: Request, runner: JobRunner, jobs: Sequence[Job]) -> list[JobResult]:
+    """The results of ``jobs``, submitted together (to the engine, or upstream first) so that the
+    engine can batch them.
 
     If one fails, or the client leaves, the others are cancelled too: their queued work is dropped.
     """
 
     async def run_all() -> list[JobResult]:
-        tasks = [asyncio.ensure_future(engine.submit(job)) for job in jobs]
+        tasks = [asyncio.ensure_future(runner.submit(job)) for job in jobs]
         try:
             return list(await asyncio.gather(*tasks))
         finally:

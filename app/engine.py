@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -119,6 +119,8 @@ class Job:
         best_of: > 1: sample that many outputs (seeds seed, seed + 1, ...) and return the one with the
             highest objective (``refine``'s, or the default ``RefineConfig()``), without refining it.
         timeout_s: time limit from submission, queue time included; None = the engine's default.
+        prompt_text: the text ``prompt_ids`` encode, when the route knows it exactly; what an upstream
+            generator is sent (``app.upstream_jobs``). The engine itself never reads it.
     """
 
     prompt_ids: list[int]
@@ -127,6 +129,7 @@ class Job:
     output_ids: list[int] | None = None
     best_of: int = 1
     timeout_s: float | None = None
+    prompt_text: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -150,10 +153,11 @@ class Job:
 
 @dataclass
 class TokenEvent:
-    """One streamed token of the initial output; ``text`` is what it adds to the decoded text."""
+    """One streamed token of the initial output; ``text`` is what it adds to the decoded text.
+    ``logprob`` is None when not known (an output streamed by an upstream generator)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     text: str
 
 
@@ -176,6 +180,14 @@ class JobResult:
     batch_size: int
     best_of_sequences: list[GenerationOutput] = field(default_factory=list)
     best_of_objectives: list[dict[str, float]] = field(default_factory=list)
+
+
+class JobRunner(Protocol):
+    """What routes hand jobs to: the ``Engine``, or ``app.upstream_jobs.UpstreamJobs`` in front of it."""
+
+    async def submit(self, job: Job) -> JobResult: ...
+
+    def stream(self, job: Job) -> AsyncIterator[TokenEvent | JobResult]: ...
 
 
 _END = object()  # ends a job's event stream; the result or error is then in its future

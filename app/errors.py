@@ -16,8 +16,15 @@ model loading / failed to load, engine stopped 503     unavailable         yes
 out of memory in one request                   503     out_of_memory       yes
 request past its time limit                    504     timeout
 NaN/inf inside one request                     424     generation
+upstream generator refused it (4xx)            same    upstream's / ...    when 429/503
+upstream generator unreachable                 503     upstream_unavail.   yes
+upstream generator failed (5xx)                502/503 upstream_error      yes
+upstream generator's answer unreadable         502     upstream_malformed
+upstream generator did not answer in time      504     upstream_timeout
 anything else (a bug)                          500     internal
 =============================================  ======  ==================  =============
+
+(The upstream generator is the engine named by ``REFINER_GENERATOR``, see ``app.upstream``.)
 """
 
 from __future__ import annotations
@@ -66,6 +73,52 @@ class Unauthorized(APIError):
 class ServiceUnavailable(APIError):
     status_code = 503
     error_type = "unavailable"
+
+
+class UpstreamError(APIError):
+    """The upstream generator (``REFINER_GENERATOR``) could not give the initial output. ``kind`` labels
+    ``refiner_upstream_errors_total``; ``retry_after_s`` adds a Retry-After header."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    kind = "status_5xx"
+
+    def __init__(
+        self, message: str, status_code: int | None = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None)
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream (refused, reset, DNS): 503, retry later."""
+
+    status_code = 503
+    error_type = "upstream_unavailable"
+    kind = "unreachable"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered 4xx: the client gets the same status and the upstream's message."""
+
+    error_type = "upstream_rejected"
+    kind = "status_4xx"
+
+
+class UpstreamMalformed(UpstreamError):
+    """The upstream answered 200 with something that is not the protocol's answer: 502."""
+
+    error_type = "upstream_malformed"
+    kind = "malformed"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect or answer within ``generator_timeout_s``: 504."""
+
+    status_code = 504
+    error_type = "upstream_timeout"
+    kind = "timeout"
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:

@@ -66,3 +66,16 @@ MEMORY_LIMIT = Gauge(
 MODEL_INFO = Gauge(
     "refiner_model_info", "The served model (value is always 1).", ["model_id", "device", "dtype"]
 )
+
+# -- upstream generator (app.upstream) ------------------------------------------------------------
+UPSTREAM_REQUEST_DURATION = Histogram(
+    "refiner_upstream_request_duration_seconds",
+    "Time the upstream generator (REFINER_GENERATOR) took to give an initial output (answered requests).",
+    buckets=DURATION_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "refiner_upstream_errors_total",
+    "Failed requests to the upstream generator, by kind "
+    "(unreachable | timeout | status_4xx | status_5xx | malformed).",
+    ["kind"],
+)

@@ -91,9 +91,19 @@ class PromptTokenizer:
         else:
             # The template changed the content (trimmed it, say), so its place in the text is not
             # known: tokenise the whole text, which is safe only if no content holds a control token.
-            self._refuse_control_tokens(contents)
+            self._refuse_control_tokens(
+                contents, "which this model's chat template cannot keep as plain text"
+            )
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._check_input(ids, "messages")
+
+    def chat_text(self, messages: Sequence[dict[str, str]]) -> str:
+        """The conversation rendered by the chat template, as text for another engine to tokenise
+        (``REFINER_GENERATOR``). That engine reads special-token text in it as control tokens, so a
+        message whose content holds one is refused (a prompt must not forge a turn)."""
+        contents = [m.get("content") or "" for m in messages]
+        self._refuse_control_tokens(contents, "which the upstream generator would read as a control token")
+        return self._render(messages)
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
         try:
@@ -134,15 +144,15 @@ class PromptTokenizer:
                 ids.extend(self._plain.encode(run, add_special_tokens=False).ids)
         return ids
 
-    def _refuse_control_tokens(self, contents: list[str]) -> None:
+    def _refuse_control_tokens(self, contents: list[str], why: str) -> None:
+        """Raise ``ValidationFailed`` for the first content holding a control token; ``why`` says why."""
         for i, content in enumerate(contents):
             ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
             found = [t for t in ids if t in self.control_ids]
             if found:
                 token = self.tokenizer.convert_ids_to_tokens(found[0])
                 raise ValidationFailed(
-                    f"messages[{i}].content contains the control token {token!r}, which this model's chat "
-                    "template cannot keep as plain text: remove it"
+                    f"messages[{i}].content contains the control token {token!r}, {why}: remove it"
                 )
 
     def encode_output(self, text: str) -> list[int]:

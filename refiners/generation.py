@@ -113,13 +113,14 @@ class GenerationOutput:
     token that completed a stop sequence. ``text`` is decoded without special tokens and, when a stop
     sequence matched, ends right after it (the stop sequence is kept, as in TGI).
     ``logprobs[i]`` is log p(token_ids[i]) under the distribution the token was drawn from (after the
-    repetition penalty, temperature, top-k and top-p).
+    repetition penalty, temperature, top-k and top-p); None where not known (an output that another
+    engine generated, re-tokenised here).
     """
 
     token_ids: list[int]
     text: str
     finish_reason: str  # "length" | "eos_token" | "stop_sequence" (| "cancelled")
-    logprobs: list[float]
+    logprobs: list[float | None]
     seed: int | None
     prompt_tokens: int
     # The prompt's KV cache and next-token distribution (``generate(keep_prompt_cache=True)``), for

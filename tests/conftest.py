@@ -46,22 +46,34 @@ class LiveServer:
         self.thread.join(timeout=60)
 
 
-def start_server(loaded: LoadedModel | None = None, **settings: Any) -> LiveServer:
-    """Start a server with ``Settings(**settings)`` (serving ``loaded`` when given) and wait for /health."""
-    import uvicorn
-
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to a free 127.0.0.1 port (not listening yet)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def serve_app(app: Any, sock: socket.socket) -> LiveServer:
+    """Serve the ASGI ``app`` on ``sock`` under a real uvicorn server in a background thread."""
+    import uvicorn
+
     port = sock.getsockname()[1]
-    app = create_app(Settings(host="127.0.0.1", port=port, **settings), loaded)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
     )
     thread.start()
-    live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+    return LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+
+
+def start_server(loaded: LoadedModel | None = None, **settings: Any) -> LiveServer:
+    """Start a server with ``Settings(**settings)`` (serving ``loaded`` when given) and wait for /health."""
+    sock = loopback_socket()
+    app = create_app(Settings(host="127.0.0.1", port=sock.getsockname()[1], **settings), loaded)
+    live = serve_app(app, sock)
+    thread = live.thread
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not thread.is_alive():

@@ -30,3 +30,16 @@ def test_invalid_settings_exit_with_status_2(monkeypatch, capsys):
 def test_serve_is_required():
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_generator_option_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("REFINER_GENERATOR", "tgi:http://tgi:80")
+    assert settings_from_args(build_parser().parse_args(["serve"])).generator == "tgi:http://tgi:80"
+    args = build_parser().parse_args(["serve", "--generator", "openai:http://vllm:8000/v1"])
+    assert settings_from_args(args).generator == "openai:http://vllm:8000/v1"
+
+
+@pytest.mark.parametrize("spec", ["http://vllm:8000/v1", "grpc:http://vllm:8000", "openai:vllm:8000"])
+def test_invalid_generator_exits_with_status_2(spec, capsys):
+    assert main(["serve", "--generator", spec]) == 2
+    assert "PROTOCOL:URL" in capsys.readouterr().err

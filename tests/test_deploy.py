@@ -23,6 +23,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from app.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DEPLOY = ROOT / "deploy"
@@ -30,7 +32,7 @@ DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 K8S_VERSION = "1.30.0"
 # Custom resources the bundled schemas do not know; checked by hand below, kept out of the base.
 CRD_KINDS = {"ServiceMonitor"}
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "vllm"]
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -202,6 +204,21 @@ def test_compose_parses_and_everything_it_mounts_exists() -> None:
         assert (DOCKER / source).exists(), f"compose mounts missing {source}"
 
 
+def test_vllm_compose_puts_refiner_in_front_of_vllm_on_a_gpu() -> None:
+    services = yaml.safe_load((DOCKER / "compose.vllm.yaml").read_text())["services"]
+    vllm, refiner = services["vllm"], services["refiner"]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    build = refiner["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
+    assert refiner["environment"]["REFINER_GENERATOR"] == "openai:http://vllm:8000/v1"
+    served = vllm["command"][vllm["command"].index("--served-model-name") + 1]
+    assert refiner["environment"]["REFINER_GENERATOR_MODEL"] == served
+    assert refiner["depends_on"]["vllm"]["condition"] == "service_healthy"
+    Settings(**{k.removeprefix("REFINER_").lower(): v for k, v in refiner["environment"].items()})
+
+
 def test_prometheus_scrapes_the_service() -> None:
     config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "refiner"]
@@ -283,9 +300,14 @@ def test_base_lists_every_base_manifest() -> None:
     }
 
 
+def refiner_docs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Refiner's own objects (an overlay may add others, such as the vllm one's vLLM server)."""
+    return [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "refiner"]
+
+
 def check_rendered(docs: list[dict[str, Any]], overlay: str) -> None:
     """What every variant must have, whatever renders it."""
-    kinds = by_kind(docs)
+    kinds = by_kind(refiner_docs(docs))
     expected = {
         "Deployment",
         "Service",
@@ -322,6 +344,29 @@ def check_rendered(docs: list[dict[str, Any]], overlay: str) -> None:
         assert pod["spec"]["tolerations"] and pod["spec"]["nodeSelector"]
     else:
         assert gpus is None and device == "cpu" and container["image"].endswith(":cpu")
+    if overlay == "vllm":
+        check_vllm(docs, kinds["ConfigMap"]["data"])
+
+
+def check_vllm(docs: list[dict[str, Any]], config: dict[str, str]) -> None:
+    """vLLM runs on a GPU behind a Service, and Refiner's generator is that Service's OpenAI API."""
+    vllm = [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "vllm"]
+    kinds = by_kind(vllm)
+    assert set(kinds) == {"Deployment", "Service"}
+    pod = kinds["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"].startswith("vllm/vllm-openai:")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["spec"]["enableServiceLinks"] is False  # else VLLM_PORT=tcp://... breaks vLLM
+    service = kinds["Service"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == int(container["args"][container["args"].index("--port") + 1])
+    generator = f"openai:http://{service['metadata']['name']}:{port['port']}/v1"
+    assert config["REFINER_GENERATOR"] == generator
+    served = container["args"][container["args"].index("--served-model-name") + 1]
+    assert config["REFINER_GENERATOR_MODEL"] == served
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

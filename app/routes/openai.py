@@ -62,12 +62,16 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     """OpenAI text completions; each choice is generated, then refined (`refinement` per choice)."""
     prompt_ids = [await asyncio.to_thread(service.tokens.encode, p, None, "prompt") for p in req.prompts]
-    jobs = [job for ids in prompt_ids for job in _jobs(service, req, ids)]
+    jobs = [
+        job
+        for ids, text in zip(prompt_ids, req.prompts, strict=True)
+        for job in _jobs(service, req, ids, text)
+    ]
     head = _head("cmpl", service)
     if req.stream:
         events = _CompletionEvents(head, req, len(prompt_ids[0]))
-        return await stream_job(request, service.engine, jobs[0], events)
-    results = await submit_all(request, service.engine, jobs)
+        return await stream_job(request, service.jobs, jobs[0], events)
+    results = await submit_all(request, service.jobs, jobs)
     return _completion(service.tokens, req, head, prompt_ids, results)
 
 
@@ -77,11 +81,13 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     """OpenAI chat completions over the model's chat template; each choice carries `refinement`."""
     prompt_ids = await asyncio.to_thread(service.tokens.encode_chat, req.conversation)
-    jobs = _jobs(service, req, prompt_ids)
+    # Another engine gets the rendered conversation as text (it tokenises it itself).
+    text = await asyncio.to_thread(service.tokens.chat_text, req.conversation) if service.upstream else None
+    jobs = _jobs(service, req, prompt_ids, text)
     head = _head("chatcmpl", service) | {"system_fingerprint": f"refiner-{service.version}"}
     if req.stream:
-        return await stream_job(request, service.engine, jobs[0], _ChatEvents(head, req, len(prompt_ids)))
-    results = await submit_all(request, service.engine, jobs)
+        return await stream_job(request, service.jobs, jobs[0], _ChatEvents(head, req, len(prompt_ids)))
+    results = await submit_all(request, service.jobs, jobs)
     return _chat_completion(service.tokens, req, head, len(prompt_ids), results)
 
 
@@ -99,9 +105,12 @@ def _head(kind: str, service: ReadyService) -> dict[str, Any]:
 
 
 def _jobs(
-    service: ReadyService, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]
+    service: ReadyService,
+    req: CompletionRequest | ChatCompletionRequest,
+    prompt_ids: list[int],
+    prompt_text: str | None,
 ) -> list[Job]:
-    """The jobs of one prompt: one per choice (``n``)."""
+    """The jobs of one prompt (``prompt_text``: its text, when known): one per choice (``n``)."""
     requested, field = req.requested_tokens
     max_new_tokens = service.tokens.resolve_max_new_tokens(requested, len(prompt_ids), field)
     refine, best_of = req.to_refine_config(service.limits), req.to_best_of(service.limits)
@@ -111,6 +120,7 @@ def _jobs(
             params=req.to_sampling_params(max_new_tokens, service.limits, choice=i),
             refine=refine,
             best_of=best_of,
+            prompt_text=prompt_text,
         )
         for i in range(req.n)
     ]
@@ -190,7 +200,7 @@ def _completion_logprobs(
 
 def _chat_logprobs(tokens: PromptTokenizer, result: JobResult) -> ChatLogprobs | None:
     gen = result.generation
-    if gen is None:
+    if gen is None or None in gen.logprobs:  # another engine generated it: log-probabilities unknown
         return None
     texts = tokens.token_texts(gen.token_ids)
     return ChatLogprobs(

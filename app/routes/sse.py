@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from app.disconnect import unless_disconnected
-from app.engine import Engine, Job, JobResult, TokenEvent
+from app.engine import Job, JobResult, JobRunner, TokenEvent
 from app.errors import classify
 from app.schemas import ErrorResponse
 
@@ -53,9 +53,9 @@ def sse_content(model: type[BaseModel]) -> dict[str, Any]:
     return {"text/event-stream": {"schema": schema}}
 
 
-async def stream_job(request: Request, engine: Engine, job: Job, writer: EventWriter) -> StreamingResponse:
-    """Start ``job`` in the engine and answer with its events as written by ``writer``."""
-    events = engine.stream(job).__aiter__()
+async def stream_job(request: Request, jobs: JobRunner, job: Job, writer: EventWriter) -> StreamingResponse:
+    """Start ``job`` (in the engine, or upstream first); answer with its events as ``writer`` writes them."""
+    events = jobs.stream(job).__aiter__()
     try:
         first = await unless_disconnected(request, anext(events))
     except BaseException:

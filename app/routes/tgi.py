@@ -3,8 +3,9 @@
 Each route tokenises the prompt (``PromptTokenizer``, which checks the token limits), lets the request
 convert itself into one engine ``Job`` and awaits it while watching for the client to leave:
 
-- ``/generate``: ``Job(prompt_ids, params, refine, best_of)`` -> ``engine.submit``.
-- ``/generate_stream``: the same job through ``engine.stream``; every token of the initial generation
+- ``/generate``: ``Job(prompt_ids, params, refine, best_of)`` -> ``service.jobs.submit`` (the engine,
+  or ``UpstreamJobs`` when another engine generates: ``app.upstream_jobs``).
+- ``/generate_stream``: the same job through ``service.jobs.stream``; every token of the initial generation
   is sent as it comes, the last event carries the refined text and ``details.refinement``.
 - ``/``: what TGI clients post to; ``stream`` in the body picks one of the two above (non-streaming
   answers are a one-element list, as TGI's).
@@ -109,6 +110,7 @@ async def _job(service: ReadyService, p: GenerateParameters, inputs: str) -> Job
         params=p.to_sampling_params(max_new_tokens, service.limits),
         refine=p.to_refine_config(service.limits),
         best_of=p.to_best_of(service.limits),
+        prompt_text=inputs if p.truncate is None else None,  # truncated: the ids are a part of it
     )
 
 
@@ -127,7 +129,7 @@ async def _refine_job(service: ReadyService, req: RefineOnlyRequest) -> Job:
 
 async def _generate(request: Request, service: ReadyService, req: GenerateRequest) -> GenerateResponse:
     job = await _job(service, req.parameters, req.inputs)
-    (result,) = await submit_all(request, service.engine, [job])
+    (result,) = await submit_all(request, service.jobs, [job])
     return GenerateResponse(
         generated_text=_generated_text(req, result), details=_details(service.tokens, req, job, result)
     )
@@ -135,7 +137,7 @@ async def _generate(request: Request, service: ReadyService, req: GenerateReques
 
 async def _stream(request: Request, service: ReadyService, req: GenerateRequest) -> StreamingResponse:
     job = await _job(service, req.parameters, req.inputs)
-    return await stream_job(request, service.engine, job, _TGIEvents(service.tokens, req, job))
+    return await stream_job(request, service.jobs, job, _TGIEvents(service.tokens, req, job))
 
 
 def _generated_text(req: GenerateRequest, result: JobResult) -> str:
