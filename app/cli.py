@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument(
-        "--model", help="embedded:smollm2-135m-instruct (default), a local directory or a hub id"
+        "--model",
+        help="embedded:smollm2-135m-instruct (default), embedded:gemma3-270m, a local directory or a hub id",
+    )
+    serve.add_argument(
+        "--reward-model", help="a reward model (sequence classifier, one output) for the `reward` term"
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
@@ -34,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-input-tokens", type=int)
     serve.add_argument("--max-new-tokens", type=int, help="cap on parameters.max_new_tokens")
     serve.add_argument("--max-total-tokens", type=int)
+    serve.add_argument(
+        "--generator",
+        metavar="SPEC",
+        help="let another engine generate the initial outputs: openai:http://host:port/v1 (vLLM, SGLang, "
+        "llama.cpp, ...) or tgi:http://host:port; --model is still loaded, to refine them",
+    )
+    serve.add_argument("--generator-model", help="the `model` name sent to an OpenAI-compatible generator")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

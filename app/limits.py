@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from app.errors import ValidationFailed
 from app.settings import Settings
 from refiners.config import MAX_KEYWORD_TOKENS
+from refiners.reward import RewardModelTerm
+
+REWARD_TERM = RewardModelTerm.name
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,22 @@ class RequestLimits:
             )
         return candidates
 
+    def reference(self, reference: str | None, field: str) -> str | None:
+        """The reference text, at most ``max_input_tokens`` long (it is aligned to every candidate)."""
+        if reference is not None and (n := self.count_tokens(reference)) > self.settings.max_input_tokens:
+            raise ValidationFailed(
+                f"{field} is {n} tokens long; at most {self.settings.max_input_tokens}: send a shorter one"
+            )
+        return reference
+
     def weights(self, weights: Mapping[str, float], field: str) -> dict[str, float]:
         """The weights by term name; every name must be a term of the objective."""
         unknown = sorted(set(weights) - set(self.term_names))
+        if REWARD_TERM in unknown:
+            raise ValidationFailed(
+                f"{field}.{REWARD_TERM}: this server has no reward model: start it with --reward-model PATH "
+                f"(or REFINER_REWARD_MODEL), or leave the weight out"
+            )
         if unknown:
             raise ValidationFailed(
                 f"{field}: unknown objective term(s) {', '.join(map(repr, unknown))}: "

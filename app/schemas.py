@@ -22,6 +22,7 @@ from refiners.config import (
     MAX_KEYWORD_CHARS,
     MAX_KEYWORDS,
     MAX_LENGTH_PENALTY,
+    MAX_REFERENCE_CHARS,
     MAX_STEPS,
     MAX_WEIGHT,
     RefineConfig,
@@ -95,6 +96,14 @@ class RefineParameters(_Strict):
     keywords: list[KeywordStr] = Field(
         default_factory=list, max_length=MAX_KEYWORDS, description="words the output should contain"
     )
+    avoid: list[KeywordStr] = Field(
+        default_factory=list,
+        max_length=MAX_KEYWORDS,
+        description="words or phrases the output must not contain (matched like keywords)",
+    )
+    reference: str | None = Field(
+        None, max_length=MAX_REFERENCE_CHARS, description="a text the output should come closer to"
+    )
     length_penalty: float = Field(
         1.0, ge=0, le=MAX_LENGTH_PENALTY, description="GNMT alpha of the length normalisation"
     )
@@ -118,6 +127,8 @@ class RefineParameters(_Strict):
         """This refinement with the server defaults filled in, checked against the server's limits."""
         s = limits.settings
         keywords = limits.keywords(self.keywords, f"{field}.keywords")
+        avoid = limits.keywords(self.avoid, f"{field}.avoid")
+        reference = limits.reference(self.reference, f"{field}.reference")
         candidates = limits.candidates(self.candidates, f"{field}.candidates")
         weights = limits.weights(self.weights, f"{field}.weights")
         try:
@@ -130,6 +141,8 @@ class RefineParameters(_Strict):
                 target_length=self.target_length,
                 weights=weights,
                 step_size=self.step_size,
+                reference=reference,
+                avoid=avoid,
             )
         except InvalidRequestError as exc:
             raise ValidationFailed(f"{field}: {exc}") from exc
@@ -650,6 +663,10 @@ class RefineDefaults(BaseModel):
     candidates: int
     max_candidates: int
     max_keywords: int
+    terms: dict[str, float] = Field(
+        description="the objective terms this server offers, with their default weights (refine.weights)"
+    )
+    reward_model: str | None = Field(description="the reward model of the `reward` term; null: none loaded")
 
 
 class Info(BaseModel):
@@ -667,8 +684,20 @@ class Info(BaseModel):
     max_queue: int
     version: str
     refine_defaults: RefineDefaults
+    generator: str | None = Field(
+        description="the engine that generates initial outputs (REFINER_GENERATOR); null: this server's model"
+    )
+
+
+class UpstreamHealth(BaseModel):
+    """Whether the upstream generator (``REFINER_GENERATOR``) answers its health route."""
+
+    generator: str
+    answers: bool
+    error: str | None = None
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed", "stalled", "busy"]
+    status: Literal["ok", "loading", "failed", "stalled", "busy", "upstream_unavailable"]
     error: str | None = None
+    upstream: UpstreamHealth | None = _absent_if_none()

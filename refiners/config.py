@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from refiners.errors import InvalidRequestError
+from refiners.keywords import keyword_forms
 from refiners.methods import METHODS
 
 # B, the candidates scored exactly per step. Each is scored twice (with and without the prompt), and
@@ -18,6 +19,8 @@ MAX_KEYWORDS = 32
 # A keyword is a word or a short phrase; the lookahead window and every placement grow with its tokens.
 MAX_KEYWORD_CHARS = 64
 MAX_KEYWORD_TOKENS = 16
+# A reference is aligned to every candidate (an n x m dynamic programme per candidate).
+MAX_REFERENCE_CHARS = 8000
 # Weights only matter relative to each other and the defaults are 0.5 to 3, so 1000 already lets one
 # term decide alone. Bounded so that weight * term value, and the gradient pass that back-propagates
 # it, stay far inside float32 (3.4e38): a weight of 1e38 overflowed to inf.
@@ -43,6 +46,8 @@ class RefineConfig:
             ``default_weight`` (``refiners.objective.DEFAULT_WEIGHTS`` for the built-in ones).
         step_size: eta of the continuous step of the "gradient" and "hybrid" methods, in units of
             the mean embedding norm.
+        reference: a text the output should come closer to (reference term); None disables it.
+        avoid: words or short phrases the output must not contain (avoid term; matched like keywords).
     """
 
     method: str = "coordinate"
@@ -53,9 +58,12 @@ class RefineConfig:
     target_length: int | None = None
     weights: dict[str, float] = field(default_factory=dict)
     step_size: float = 1.0
+    reference: str | None = None
+    avoid: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.keywords = tuple(k.strip() for k in self.keywords if k and k.strip())
+        self.avoid = tuple(a.strip() for a in self.avoid if a and a.strip())
         if self.method not in METHODS:
             raise InvalidRequestError(
                 f"unknown refine method {self.method!r}: use one of {', '.join(METHODS)}"
@@ -66,13 +74,20 @@ class RefineConfig:
             raise InvalidRequestError(
                 f"refine candidates must be between 1 and {MAX_CANDIDATES}, got {self.candidates}"
             )
-        if len(self.keywords) > MAX_KEYWORDS:
-            raise InvalidRequestError(f"at most {MAX_KEYWORDS} keywords, got {len(self.keywords)}")
-        for k in self.keywords:
-            if len(k) > MAX_KEYWORD_CHARS:
-                raise InvalidRequestError(
-                    f"keyword {k[:20]!r}... has {len(k)} characters: at most {MAX_KEYWORD_CHARS}"
-                )
+        for kind, words in (("keywords", self.keywords), ("avoid", self.avoid)):
+            if len(words) > MAX_KEYWORDS:
+                raise InvalidRequestError(f"at most {MAX_KEYWORDS} {kind}, got {len(words)}")
+            for k in words:
+                if len(k) > MAX_KEYWORD_CHARS:
+                    raise InvalidRequestError(
+                        f"{kind}: {k[:20]!r}... has {len(k)} characters: at most {MAX_KEYWORD_CHARS}"
+                    )
+        if both := conflicting(self.keywords, self.avoid):
+            raise InvalidRequestError(
+                f"{', '.join(map(repr, both))} is both a keyword and a word to avoid: remove it from one list"
+            )
+        if self.reference is not None and not self.reference.strip():
+            raise InvalidRequestError("reference is empty: send the text to come closer to, or leave it out")
         if not math.isfinite(self.length_penalty) or not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
             raise InvalidRequestError(
                 f"length_penalty must be between 0 and {MAX_LENGTH_PENALTY:g}, got {self.length_penalty}"
@@ -86,3 +101,9 @@ class RefineConfig:
                 raise InvalidRequestError(
                     f"weight of term {name!r} must be a number >= 0 and <= {MAX_WEIGHT:g}, got {w}"
                 )
+
+
+def conflicting(keywords: tuple[str, ...], avoid: tuple[str, ...]) -> list[str]:
+    """The keywords that some word to avoid also matches (they share an inflection: dog / dogs)."""
+    avoided = set().union(*(keyword_forms(a) for a in avoid)) if avoid else set()
+    return [k for k in keywords if keyword_forms(k) & avoided]

@@ -81,6 +81,13 @@ def keyword_present(keyword: str, text: str) -> bool:
     return bool(keyword.strip()) and _pattern(keyword.strip()).search(text) is not None
 
 
+def keyword_spans(keyword: str, text: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans where ``keyword`` (or an inflection) appears in ``text``."""
+    if not keyword.strip():
+        return []
+    return [m.span() for m in _pattern(keyword.strip()).finditer(text)]
+
+
 def coverage(keywords: list[str] | tuple[str, ...], text: str) -> float:
     """Fraction of ``keywords`` present in ``text`` (1.0 when there are none)."""
     if not keywords:

@@ -63,7 +63,7 @@ class Lookahead:
                 r: readings[r][c, start : len(windows[c])].sum() - step.token_logprobs[r][start:old_end].sum()
                 for r in step.distributions
             }
-            estimate = float(step.estimate(delta, grown, p.phrase))
+            estimate = float(step.estimate(delta, grown, p.phrase, p.body))
             kept[j].append(replace(p, estimate=estimate))
         return kept
 

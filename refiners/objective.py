@@ -6,7 +6,9 @@ forward pass gives) and returns a tensor of shape (C,). A term also owns its par
 - ``estimate`` gives the first-order change of the term for a ``Change`` (what an edit does to the
   output's token log-probabilities, its length and the phrases it writes); the methods rank edits by
   the weighted sum of these, plus the gradient's estimate of the edit's effect on later tokens;
-- ``wanted`` names phrases whose writing would raise the term, which methods try to place.
+- ``wanted`` names phrases whose writing would raise the term, which methods try to place;
+  ``unwanted`` names present phrases whose removal would raise it, which methods try to delete or replace;
+- ``allows`` vetoes a candidate before it is scored (a keyword lost, a word to avoid written).
 
 Add a term by subclassing ``ObjectiveTerm`` and passing it to ``Refiner(extra_terms=[...])``; its
 weight is read from ``RefineConfig.weights[term.name]``, else its class's ``default_weight``::
@@ -22,17 +24,20 @@ weight is read from ``RefineConfig.weights[term.name]``, else its class's ``defa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from refiners.alignment import align
 from refiners.keywords import keyword_present
 
 if TYPE_CHECKING:
     from refiners.config import RefineConfig
     from refiners.methods.base import StepInput
+    from refiners.models import LoadedModel
 
 # The readings of an output the passes give: after its prompt, and on its own (after a
 # document-start token; only when a weighted term needs it).
@@ -53,6 +58,10 @@ class CandidateBatch:
         prompt_mask: (C, P) 1.0 for real prompt tokens; None with ``prompt_attention``.
         free_token_logprobs: (C, L) log p(y_t | y_<t) of the output read on its own, after a
             document-start token instead of the prompt; None unless a term needs it.
+        ids: (C, L) the output token ids (padding past ``mask``).
+        embeds: (C, L, d) their input embeddings; in the gradient pass the tensor the gradient is
+            taken with respect to.
+        prompts: the decoded prompt of each candidate's request (special tokens skipped).
     """
 
     token_logprobs: torch.Tensor
@@ -62,6 +71,9 @@ class CandidateBatch:
     prompt_attention: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     free_token_logprobs: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -85,11 +97,15 @@ class Change:
             log-probabilities, exact or estimated; readings the step did not run are absent.
         length_delta: change of the output length, in tokens.
         phrase: a phrase the edits write (e.g. a missing keyword), or None.
+        body: for a single candidate, its whole output (no EOS), so terms that can value a text
+            without a forward pass (the reference's alignment) estimate it exactly; None for a tensor
+            of edits.
     """
 
     logprob_delta: dict[str, torch.Tensor]
     length_delta: int = 0
     phrase: str | None = None
+    body: list[int] | None = None
 
 
 class ObjectiveTerm:
@@ -101,6 +117,11 @@ class ObjectiveTerm:
     differentiable: bool = False  # built from tensors of the pass, so it can steer the gradient
     needs_attention: bool = False
     needs_free_context: bool = False  # reads the FREE reading (a second, prompt-free row per output)
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel) -> ObjectiveTerm:
+        """The term for a loaded model (terms that read its tokenizer or embeddings override this)."""
+        return cls()
 
     def active(self, config: RefineConfig) -> bool:
         """Whether the term applies to a request (an inactive term scores 0 and is not reported).
@@ -126,6 +147,14 @@ class ObjectiveTerm:
     def wanted(self, step: StepInput) -> list[str]:
         """Phrases absent from the step's output whose writing would raise the term (none by default)."""
         return []
+
+    def unwanted(self, step: StepInput) -> list[str]:
+        """Phrases present in the step's output whose removal would raise the term (none by default)."""
+        return []
+
+    def allows(self, step: StepInput, text: str) -> bool:
+        """Whether a candidate text may replace the step's output at all (checked before scoring)."""
+        return True
 
 
 def gnmt_length_normaliser(lengths: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
@@ -216,6 +245,150 @@ class KeywordCoverageTerm(ObjectiveTerm):
     def wanted(self, step: StepInput) -> list[str]:
         return [k for k in step.config.keywords if not keyword_present(k, step.text)]
 
+    def allows(self, step: StepInput, text: str) -> bool:
+        """A keyword present stays present: an edit may not trade one keyword for another."""
+        return all(keyword_present(k, text) for k in step.config.keywords if keyword_present(k, step.text))
+
+
+class AvoidTerm(ObjectiveTerm):
+    """Minus the number of words to avoid (``refine.avoid``) present in the text, matched like keywords.
+
+    Methods propose deleting or replacing the present ones (``unwanted``); a candidate that writes one
+    the output did not have is never scored (``allows``), whatever the other terms would gain.
+    """
+
+    name = "avoid"
+    default_weight = 3.0  # as much as a keyword: removing a word to avoid is worth a small fluency cost
+
+    def active(self, config: RefineConfig) -> bool:
+        return bool(config.avoid)
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        counts = [-sum(keyword_present(a, t) for a in c.avoid) for t, c in zip(batch.texts, batch.configs)]
+        return torch.tensor(counts, dtype=torch.float32, device=batch.mask.device)
+
+    def estimate(self, step: StepInput, change: Change) -> torch.Tensor | float:
+        return float(change.phrase is not None and change.phrase in self.unwanted(step))
+
+    def unwanted(self, step: StepInput) -> list[str]:
+        return [a for a in step.config.avoid if keyword_present(a, step.text)]
+
+    def allows(self, step: StepInput, text: str) -> bool:
+        return not any(
+            keyword_present(a, text) and not keyword_present(a, step.text) for a in step.config.avoid
+        )
+
+
+# The reference term reads output token y_t as q_t(v) ∝ exp(REFERENCE_SHARPNESS * cos(e_t, E_v)). A pair
+# costs sharpness * (1 - cos), capped at a gap: a different token costs what Levenshtein charges, and
+# only near-identical ones (cos > 0.75: " Dog" / " dog") earn partial credit. Uncapped, rare tokens
+# near many others (SmolLM2's " enthus", norm 7) matched every reference token a little, and one step
+# wrote them into the text to raise the term.
+REFERENCE_SHARPNESS = 4.0
+REFERENCE_GAP = 1.0  # an unpaired token of either side; also the cap of a pair
+# Missing reference words offered as phrases to place per step: placements are screened by a lookahead,
+# so each costs rows.
+REFERENCE_WANTED = 2
+
+
+class ReferenceTerm(ObjectiveTerm):
+    """Minus the cross-entropy of the reference under the output, on an alignment (``refine.reference``).
+
+    Each output token y_t is read as a distribution over tokens through its input embedding e_t:
+    q_t(v) ∝ exp(beta * cos(e_t, E_v)), beta = ``REFERENCE_SHARPNESS``, so that reading reference
+    token r at t costs -log q_t(r) + log q_t(y_t) = beta * (1 - cos(e_t, E_r)) nats more than the
+    token written there: 0 when y_t = r. The reference R = r_1..r_m (tokenised like the output) is
+    aligned to the output by the monotone alignment of least total cost (``refiners.alignment.align``):
+    a pair (t, j) costs min(beta * (1 - cos(e_t, E_{r_j})), GAP), a token of either side left unpaired
+    costs ``REFERENCE_GAP`` (1). The term is
+
+        reference(Y) = -(sum over pairs of min(beta * (1 - cos), GAP) + GAP * unpaired) / m
+
+    With only exact matches this is minus the Levenshtein distance between the token sequences over
+    the reference length: 0 when the output is the reference, and it rises as the output comes closer.
+    Normalised by m, not n: a shorter output does not score better by being short. Special tokens of
+    the output (a final EOS) are not aligned.
+
+    Steering: the alignment is chosen on the current values, and the gradient flows through every
+    pair's uncapped cost (straight through the cap), so each output token is pulled towards the
+    reference token it is paired with; the replacements the gradient ranks first are those. A single
+    candidate's value needs no forward pass, so the lookahead's estimate of it is exact, and a few of
+    the reference's missing words at a time are offered as phrases to place.
+    """
+
+    name = "reference"
+    default_weight = 32.0  # the tuning in benchmarks/README.md: 4 and 8 moved no output closer
+    differentiable = True
+
+    def __init__(self, tokenizer, embedding: torch.nn.Module) -> None:
+        self.tokenizer, self.embedding = tokenizer, embedding
+        self.special = set(tokenizer.all_special_ids)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel) -> ObjectiveTerm:
+        return cls(loaded.tokenizer, loaded.model.get_input_embeddings())
+
+    def active(self, config: RefineConfig) -> bool:
+        return config.reference is not None
+
+    def reference_embeds(self, reference: str) -> torch.Tensor:
+        """(m, d) unit input embeddings of the reference's tokens (cached: one per text)."""
+        if reference not in self._cache:
+            ids = self.tokenizer.encode(reference.strip(), add_special_tokens=False)
+            weight = self.embedding.weight
+            with torch.no_grad():
+                embeds = self.embedding(torch.tensor(ids, dtype=torch.long, device=weight.device)).float()
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[reference] = torch.nn.functional.normalize(embeds, dim=-1)
+        return self._cache[reference]
+
+    def score(self, batch: CandidateBatch) -> torch.Tensor:
+        assert batch.ids is not None and batch.embeds is not None
+        values = []
+        for c, config in enumerate(batch.configs):
+            if config.reference is None:
+                values.append(batch.embeds.new_zeros((), dtype=torch.float32))
+                continue
+            ids = batch.ids[c, : int(batch.mask[c].sum())].tolist()
+            keep = [t for t, i in enumerate(ids) if i not in self.special]
+            values.append(self._aligned(batch.embeds[c, keep], config.reference))
+        return torch.stack(values)
+
+    def estimate(self, step: StepInput, change: Change) -> torch.Tensor | float:
+        """Exact for a single candidate (its alignment needs no forward pass), else 0: the gradient
+        steers replacements, and a missing reference word's placements are valued once they are
+        single candidates."""
+        if change.body is None or step.config.reference is None:
+            return 0.0
+        return self.value(change.body, step.config.reference) - self.value(step.body, step.config.reference)
+
+    def value(self, ids: Sequence[int], reference: str) -> float:
+        """The term for output ``ids`` (special tokens ignored)."""
+        kept = [i for i in ids if i not in self.special]
+        with torch.no_grad():
+            embeds = self.embedding(torch.tensor(kept, dtype=torch.long, device=self.embedding.weight.device))
+        return float(self._aligned(embeds, reference))
+
+    def _aligned(self, embeds: torch.Tensor, reference: str) -> torch.Tensor:
+        """-(pair costs + GAP * unpaired) / m for the output embeddings ``embeds`` (n, d).
+
+        The value uses the capped costs; its gradient is the uncapped costs' (straight through), so
+        every pair pulls its output token towards its reference token, not only the near ones."""
+        ref = self.reference_embeds(reference)
+        soft = REFERENCE_SHARPNESS * (1.0 - torch.nn.functional.normalize(embeds.float(), dim=-1) @ ref.T)
+        capped = soft.clamp(max=REFERENCE_GAP)
+        pairs, unpaired = align(capped.detach().double().cpu().numpy(), REFERENCE_GAP)
+        rows, cols = [t for t, _ in pairs], [j for _, j in pairs]
+        pulled = soft[rows, cols].sum()
+        paired = capped[rows, cols].sum().detach() + pulled - pulled.detach()
+        return -(paired + REFERENCE_GAP * unpaired) / ref.shape[0]
+
+    def wanted(self, step: StepInput) -> list[str]:
+        words = dict.fromkeys(re.findall(r"[A-Za-z]+(?:'[a-z]+)?", step.config.reference or ""))
+        return [w for w in words if not keyword_present(w, step.text)][:REFERENCE_WANTED]
+
 
 class PromptCoverageTerm(ObjectiveTerm):
     """GNMT coverage penalty: sum over prompt tokens j of log(min(sum_t a_tj, 1)).
@@ -257,13 +430,25 @@ class RewardTerm(ObjectiveTerm):
 
 # The built-in terms, by name: the one list of them. Their defaults are on the classes.
 TERMS: dict[str, type[ObjectiveTerm]] = {
-    t.name: t for t in (LogProbTerm, FluencyTerm, LengthTerm, KeywordCoverageTerm, PromptCoverageTerm)
+    t.name: t
+    for t in (
+        LogProbTerm,
+        FluencyTerm,
+        LengthTerm,
+        KeywordCoverageTerm,
+        AvoidTerm,
+        ReferenceTerm,
+        PromptCoverageTerm,
+    )
 }
 DEFAULT_WEIGHTS: dict[str, float] = {name: term.default_weight for name, term in TERMS.items()}
 
 
-def default_terms() -> list[ObjectiveTerm]:
-    return [term() for term in TERMS.values()]
+def default_terms(loaded: LoadedModel | None = None) -> list[ObjectiveTerm]:
+    """The built-in terms; without a model, those that read its tokenizer or embeddings are left out."""
+    if loaded is not None:
+        return [term.for_model(loaded) for term in TERMS.values()]
+    return [term() for term in TERMS.values() if term.for_model.__func__ is ObjectiveTerm.for_model.__func__]
 
 
 class Objective:
@@ -344,6 +529,16 @@ class Objective:
             for phrase in term.wanted(step):
                 out[phrase] = out.get(phrase, 0.0) + weight
         return out
+
+    def unwanted(self, step: StepInput) -> list[str]:
+        """The present phrases weighted terms want removed, in the terms' order."""
+        return list(
+            dict.fromkeys(p for term, _ in self.weighted_terms(step.config) for p in term.unwanted(step))
+        )
+
+    def allows(self, step: StepInput, text: str) -> bool:
+        """Whether every weighted term lets ``text`` replace the step's output."""
+        return all(term.allows(step, text) for term, _ in self.weighted_terms(step.config))
 
     def report(self, total: float, parts: dict[str, float], config: RefineConfig) -> dict[str, float]:
         """The ``{"total", <term>: value}`` dict of one candidate, with only its active terms."""

@@ -68,6 +68,7 @@ class _Track:
     """A request's state across steps."""
 
     config: RefineConfig
+    prompt: str  # decoded, for the terms that read it
     body: list[int]
     tail: list[int]
     text: str
@@ -107,12 +108,16 @@ class Refiner:
         self.tokenizer = loaded.tokenizer
         self.eos_ids = loaded.eos_token_ids
         self.search = search or SearchConfig()
-        self.objective = Objective([*default_terms(), *extra_terms])
+        self.objective = Objective([*default_terms(loaded), *extra_terms])
         self.runner = ModelRunner(
             loaded.model, loaded.tokenizer, self.objective, scoring_chunk_size, pass_bytes=scoring_pass_bytes
         )
         self.cost = CostModel(self.runner.shape, self.objective, scoring_pass_bytes, self.search)
-        self.vocab = Vocabulary(loaded.tokenizer, loaded.model.get_input_embeddings().weight.detach())
+        embeddings = loaded.model.get_input_embeddings()
+        # Gemma multiplies the looked-up rows by sqrt(d) inside its embedding module: the methods work
+        # in the table's own scale, so the pass's embeddings are divided by it and gradients multiplied.
+        self.embed_scale = float(getattr(embeddings, "embed_scale", 1.0))
+        self.vocab = Vocabulary(loaded.tokenizer, embeddings.weight.detach())
         self.methods: dict[str, RefinementMethod] = {
             name: method(self.search) for name, method in METHODS.items()
         }
@@ -142,6 +147,7 @@ class Refiner:
             [b + t for b, t, _ in split],
             [config] * len(outputs),
             [x for _, _, x in split],
+            [self.vocab.decode(prompt_ids)] * len(outputs),
         )
         scores = self.runner.score(state, candidates)
         return [self._report(scores, i, config) for i in range(len(outputs))]
@@ -159,7 +165,8 @@ class Refiner:
         tracks = []
         for r in requests:
             body, tail, text = self._split(list(r.output_ids))
-            tracks.append(_Track(r.config, body, tail, text, initial_ids=body + tail))
+            prompt = self.vocab.decode(r.prompt_ids)
+            tracks.append(_Track(r.config, prompt, body, tail, text, initial_ids=body + tail))
         clock = {"gradient": 0.0, "scoring": 0.0}
         with _timed(clock, "gradient"):
             state = self.runner.prompt_state(
@@ -186,7 +193,9 @@ class Refiner:
     ) -> tuple[list[StepInput], CurrentOutputs]:
         """The gradient pass over the tracks' current outputs, and each one's ``StepInput``."""
         outputs = [t.body + t.tail for t in tracks]
-        current = Outputs(rows, outputs, [t.config for t in tracks], [t.text for t in tracks])
+        current = Outputs(
+            rows, outputs, [t.config for t in tracks], [t.text for t in tracks], [t.prompt for t in tracks]
+        )
         result = self.runner.gradient_pass(state, current)
         inputs = []
         for j, t in enumerate(tracks):
@@ -204,8 +213,8 @@ class Refiner:
                     total=t.total,
                     parts=t.report,
                     distributions=result.current.distributions(rows[j], twin, m + 1),
-                    embeds=result.embeds[j, :m],
-                    grad=result.grad[j, :m],
+                    embeds=result.embeds[j, :m] / self.embed_scale,
+                    grad=result.grad[j, :m] * self.embed_scale,
                     vocab=self.vocab,
                     objective=self.objective,
                 )
@@ -221,19 +230,28 @@ class Refiner:
         proposals: list[list[Proposal]],
         checkpoint: Checkpoint,
     ) -> list[list[tuple[Proposal, float, dict[str, float]]]]:
-        """Score every valid proposal of every request in one batched pass (counted on its track)."""
-        flat = [(j, p) for j, props in enumerate(proposals) for p in props if self.vocab.round_trips(p.body)]
+        """Score every valid proposal of every request in one batched pass (counted on its track).
+
+        Valid: it round-trips through the tokenizer and every weighted term allows its text."""
+        flat = [
+            (j, p, text)
+            for j, props in enumerate(proposals)
+            for p in props
+            if self.vocab.round_trips(p.body)
+            and self.objective.allows(steps[j], text := self.vocab.decode(p.body))
+        ]
         scored: list[list[tuple[Proposal, float, dict[str, float]]]] = [[] for _ in proposals]
         if not flat:
             return scored
         candidates = Outputs(
-            [steps[j].row for j, _ in flat],
-            [p.body + steps[j].tail for j, p in flat],
-            [steps[j].config for j, _ in flat],
-            [self.vocab.decode(p.body) for _, p in flat],
+            [steps[j].row for j, _, _ in flat],
+            [p.body + steps[j].tail for j, p, _ in flat],
+            [steps[j].config for j, _, _ in flat],
+            [text for _, _, text in flat],
+            [tracks[j].prompt for j, _, _ in flat],
         )
         scores = self.runner.score(state, candidates, current, checkpoint)
-        for c, (j, p) in enumerate(flat):
+        for c, (j, p, _) in enumerate(flat):
             if torch.isfinite(scores.totals[c]):  # a candidate with NaN scores is dropped, not kept
                 scored[j].append((p, float(scores.totals[c]), self._report(scores, c, steps[j].config)))
             tracks[j].candidates += 1

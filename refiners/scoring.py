@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,12 +94,14 @@ class PromptState:
 @dataclass
 class Outputs:
     """C outputs to run: output c after prompt row ``rows[c]`` of the state, for the request whose
-    config is ``configs[c]``; ``texts`` (the decoded outputs) are needed only to score them."""
+    config is ``configs[c]``; ``texts`` (the decoded outputs) are needed only to score them, and
+    ``prompts`` (the decoded prompts) only by terms that read them."""
 
     rows: list[int]
     ids: list[list[int]]
     configs: list[RefineConfig]
     texts: list[str] | None = None
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -299,7 +302,7 @@ class ModelRunner:
     # -- the gradient pass ----------------------------------------------------------------------------
     def gradient_pass(self, state: PromptState, batch: Outputs) -> GradientPass:
         """One forward + backward over the current outputs, gradients on their input embeddings."""
-        rows, outputs, configs, texts = batch.rows, batch.ids, batch.configs, batch.texts or []
+        rows, outputs, configs = batch.rows, batch.ids, batch.configs
         all_rows = self._context_rows(state, rows, configs)
         copies = len(all_rows) // len(rows)  # each output once per reading
         ids, mask = pad_ids(outputs, self.pad_id, device=self.device)
@@ -317,12 +320,13 @@ class ModelRunner:
                 attention,
             )
             readings = OutputReadings(current.token_logprobs, mask, _attention_sum(current.attention))
-            smooth, _ = self.objective.evaluate(self._batch(state, row_t, readings, texts, configs), True)
+            batch_of = partial(self._batch, state, row_t, outputs=batch, ids=ids)
+            smooth, _ = self.objective.evaluate(batch_of(readings, embeds=embeds), True)
             (grad,) = torch.autograd.grad(smooth.sum(), embeds)
         current = _detached(current)
         with torch.no_grad():
             readings = OutputReadings(current.token_logprobs, mask, _attention_sum(current.attention))
-            total, parts = self.objective.evaluate(self._batch(state, row_t, readings, texts, configs))
+            total, parts = self.objective.evaluate(batch_of(readings, embeds=embeds.detach()))
         if not torch.isfinite(grad).all() or not torch.isfinite(total).all():
             raise NumericalError("the gradient pass produced NaN or inf")
         return GradientPass(current, embeds.detach(), grad * mask[..., None], Scores(total, parts))
@@ -512,29 +516,35 @@ class ModelRunner:
         readings = self.read_outputs(state, candidates, current, attention, checkpoint)
         # Terms see every candidate at once, so a candidate and its free twin meet in one batch.
         row_t = torch.tensor(candidates.rows, device=self.device)
-        batch = self._batch(state, row_t, readings, list(candidates.texts), list(candidates.configs))
-        total, parts = self.objective.evaluate(batch)
+        ids, _ = pad_ids(candidates.ids, self.pad_id, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        total, parts = self.objective.evaluate(self._batch(state, row_t, readings, candidates, ids, embeds))
         return Scores(total.float(), {name: value.float() for name, value in parts.items()})
 
+    @staticmethod
     def _batch(
-        self,
         state: PromptState,
         rows: torch.Tensor,
         readings: OutputReadings,
-        texts: list[str],
-        configs: list[RefineConfig],
+        outputs: Outputs,
+        ids: torch.Tensor,
+        embeds: torch.Tensor,
     ) -> CandidateBatch:
-        """The batch of C outputs whose readings ``readings`` holds, for the objective's terms."""
-        by_name, count = readings.readings(), len(texts)
+        """The batch of C outputs (``ids``: (C, L), ``embeds``: (C, L, d)) whose readings ``readings``
+        holds, for the objective's terms."""
+        by_name, count = readings.readings(), len(outputs.ids)
         attention = readings.attention_sum
         return CandidateBatch(
             token_logprobs=by_name[PROMPTED],
             mask=readings.mask.to(readings.token_logprobs.dtype),
-            texts=texts,
-            configs=configs,
+            texts=list(outputs.texts or []),
+            configs=list(outputs.configs),
             prompt_attention=attention[:count] if attention is not None else None,
             prompt_mask=state.mask[rows].float() if attention is not None else None,
             free_token_logprobs=by_name.get(FREE),
+            ids=ids,
+            embeds=embeds,
+            prompts=list(outputs.prompts or []),
         )
 
     @staticmethod

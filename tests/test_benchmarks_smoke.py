@@ -15,10 +15,25 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import quality, speed
-from benchmarks.commongen import concept_coverage, load_concept_sets, parse_concepts, prompt_ids
+from benchmarks import quality, reference, speed
+from benchmarks.commongen import (
+    SLICES,
+    concept_coverage,
+    load_concept_sets,
+    load_slice,
+    parse_concepts,
+    prompt_ids,
+)
 from benchmarks.judge import Judge
-from benchmarks.report import Column, markdown_table, plot_latency, plot_quality, plot_throughput, write_json
+from benchmarks.report import (
+    Column,
+    bootstrap_interval,
+    markdown_table,
+    plot_latency,
+    plot_quality,
+    plot_throughput,
+    write_json,
+)
 from refiners import Refiner
 from tests.conftest import start_server
 from tests.tiny_models import embedded_tokenizer, tiny_llama
@@ -184,3 +199,25 @@ def test_http_quality_reads_everything_from_the_servers_answers(tiny):
         assert record["index"] == item.index and 1 <= record["tokens"] <= 5
         assert record["objective_after"] >= record["objective_before"]
     assert "refine/gen" in markdown_table([summary], http_quality.TABLE)
+
+
+def test_reference_run_measures_distance_and_judge_on_every_condition(tiny, tiny_judge):
+    items = load_concept_sets(2)
+    assert all(item.references for item in items)  # CommonGen's human sentences
+    result = reference.run(tiny, Refiner(tiny), tiny_judge.perplexity, items, weights=[4.0])
+    names = [row["condition"] for row in result["summary"]]
+    assert names == ["+ reference (w=4)", reference.ALONE]
+    for row in result["summary"]:
+        assert row["prompts"] == 2 and row["objective_down_frac"] == 0.0
+        assert row["closer_frac"] + row["farther_frac"] <= 1.0 and row["ppl_ratio"] > 0
+    assert reference.distance("A dog runs.", "A dog runs.") == 0.0
+    assert reference.distance("A cat runs.", "A dog runs .") == 0.25
+    assert "+ reference alone" in markdown_table(result["summary"], reference.TABLE)
+
+
+def test_slices_are_disjoint_and_the_held_out_one_is_the_end_of_the_file():
+    assert not set(SLICES["tuning"]) & set(SLICES["held-out"])
+    held_out = load_slice("held-out", 3)
+    assert [i.index for i in held_out] == [793, 794, 795]
+    low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0], lambda xs: float(xs.mean()))
+    assert 1.0 <= low <= 2.5 <= high <= 4.0

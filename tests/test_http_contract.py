@@ -8,6 +8,7 @@ import httpx
 import jsonschema
 import pytest
 
+from refiners import DEFAULT_WEIGHTS
 from tests.conftest import LiveServer, sse_events
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,8 @@ def test_health_and_info(client: httpx.Client):
         and info["max_total_tokens"] == 2048
         and info["max_new_tokens"] == 512
     )
-    assert info["refine_defaults"] == {
+    defaults = info["refine_defaults"]
+    assert {k: v for k, v in defaults.items() if k not in ("terms", "reward_model")} == {
         "enabled": True,
         "method": "coordinate",
         "steps": 1,
@@ -65,6 +67,7 @@ def test_health_and_info(client: httpx.Client):
         "max_candidates": 256,
         "max_keywords": 32,
     }
+    assert defaults["terms"] == DEFAULT_WEIGHTS and defaults["reward_model"] is None
     assert info["version"]
 
 

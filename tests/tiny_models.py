@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -94,7 +96,34 @@ def tiny_gpt2(
     return prepare_model(model, tokenizer, model_id="tiny-random-gpt2")
 
 
-ARCHITECTURES: dict[str, Callable[..., LoadedModel]] = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+def tiny_gemma3(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LoadedModel:
+    """A 2-layer Gemma 3 (hidden 64, 4 heads, tied head) with random weights, frozen, on CPU. Its
+    embedding module multiplies rows by sqrt(hidden), as Gemma 3 270M's does."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=1,
+        head_dim=HIDDEN // HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=MAX_POSITIONS,  # as in Gemma 3 270M (512), longer than the test texts
+        eos_token_id=eos_id(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=eos_id(tokenizer),
+    )
+    model = Gemma3ForCausalLM(config)
+    model.generation_config.eos_token_id = eos_id(tokenizer)
+    return prepare_model(model, tokenizer, model_id="tiny-random-gemma3")
+
+
+ARCHITECTURES: dict[str, Callable[..., LoadedModel]] = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "gemma3": tiny_gemma3,
+}
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from app.admission import resident_bytes
 from app.routes import ERRORS
-from app.schemas import Health, Info, RefineDefaults
+from app.schemas import Health, Info, RefineDefaults, UpstreamHealth
 from app.service import ReadyService, Service, get_service
 
 router = APIRouter(tags=["service"])
@@ -18,22 +18,31 @@ router = APIRouter(tags=["service"])
 async def health(request: Request) -> Health | JSONResponse:
     """200 once the model is loaded and while the engine makes progress; 503 while loading, if
     loading failed, or when work waits and the engine has made no progress for `stall_timeout_s`
-    (a wedged server: restart it)."""
+    (a wedged server: restart it). With an upstream generator, `upstream` says whether it answers;
+    an upstream that does not answer does not fail liveness (restarting this server would not help)."""
     service: Service = request.app.state.service
-    return _answer(service, _problem(service, readiness=False))
+    upstream = await _upstream_health(service)
+    return _answer(service, _problem(service, readiness=False), upstream)
 
 
 @router.get("/ready", response_model=Health, responses={503: {"model": Health}}, summary="Readiness")
 async def ready(request: Request) -> Health | JSONResponse:
-    """200 when this replica should get new requests: loaded, not stalled, its queue not full and its
-    memory below the ceiling; 503 otherwise (Kubernetes then sends traffic to other replicas)."""
+    """200 when this replica should get new requests: loaded, not stalled, its queue not full, its
+    memory below the ceiling and its upstream generator (if any) answering; 503 otherwise (Kubernetes
+    then sends traffic to other replicas)."""
     service: Service = request.app.state.service
-    return _answer(service, _problem(service, readiness=True))
+    upstream = await _upstream_health(service)
+    problem = _problem(service, readiness=True)
+    if problem is None and upstream is not None and not upstream.answers:
+        problem = Health(
+            status="upstream_unavailable", error=f"the upstream generator does not answer: {upstream.error}"
+        )
+    return _answer(service, problem, upstream)
 
 
 @router.get("/info", response_model=Info, responses=ERRORS, summary="Model, limits and refinement defaults")
 async def info(service: ReadyService = Depends(get_service)) -> Info:
-    s, loaded, tokens = service.settings, service.loaded, service.tokens
+    s, loaded, tokens, refiner = service.settings, service.loaded, service.tokens, service.engine.refiner
     defaults = {
         name: getattr(s, f"refine_default_{name}") for name in ("enabled", "method", "steps", "candidates")
     }
@@ -47,8 +56,13 @@ async def info(service: ReadyService = Depends(get_service)) -> Info:
         **s.model_dump(include={"max_best_of", "max_stop_sequences", "max_batch_size", "max_queue"}),
         version=service.version,
         refine_defaults=RefineDefaults(
-            **defaults, max_candidates=s.max_candidates, max_keywords=s.max_keywords
+            **defaults,
+            max_candidates=s.max_candidates,
+            max_keywords=s.max_keywords,
+            terms={t.name: t.default_weight for t in refiner.objective.terms} if refiner else {},
+            reward_model=s.reward_model,
         ),
+        generator=service.upstream.name if service.upstream is not None else None,
     )
 
 
@@ -63,12 +77,24 @@ async def metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def _answer(service: Service, problem: Health | None) -> Health | JSONResponse:
-    """200 ``{"status": "ok"}``, or 503 with the problem and Retry-After."""
+def _answer(
+    service: Service, problem: Health | None, upstream: UpstreamHealth | None
+) -> Health | JSONResponse:
+    """200 ``{"status": "ok"}``, or 503 with the problem and Retry-After; ``upstream`` when there is one."""
     if problem is None:
-        return Health(status="ok")
+        return Health(status="ok", upstream=upstream)
     headers = {"Retry-After": str(service.settings.retry_after_s)}
+    problem.upstream = upstream
     return JSONResponse(problem.model_dump(), status_code=503, headers=headers)
+
+
+async def _upstream_health(service: Service) -> UpstreamHealth | None:
+    """Whether the upstream generator answers now; None when there is none (or no service yet)."""
+    upstream = service.ready.upstream if service.ready is not None else None
+    if upstream is None:
+        return None
+    error = await upstream.probe()
+    return UpstreamHealth(generator=upstream.name, answers=error is None, error=error)
 
 
 def _problem(service: Service, readiness: bool) -> Health | None:

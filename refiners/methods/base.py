@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from refiners.edits import Edit, apply_edits
-from refiners.keywords import inflections
+from refiners.keywords import inflections, keyword_spans
 from refiners.objective import Change, Objective
 from refiners.search import SearchConfig
 
@@ -133,16 +133,26 @@ class StepInput:
         """{phrase: weight} of absent phrases the objective's terms would gain by (missing keywords)."""
         return self.objective.wanted(self)
 
+    @cached_property
+    def unwanted(self) -> list[str]:
+        """Present phrases the objective's terms would gain by removing (words to avoid)."""
+        return self.objective.unwanted(self)
+
     def per_reading(self, delta: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """``delta(distribution)`` for the distribution of every reading: an edit's change of S."""
         return {r: delta(d) for r, d in self.distributions.items()}
 
     def estimate(
-        self, logprob_delta: dict[str, torch.Tensor], length_delta: int = 0, phrase: str | None = None
+        self,
+        logprob_delta: dict[str, torch.Tensor],
+        length_delta: int = 0,
+        phrase: str | None = None,
+        body: list[int] | None = None,
     ) -> torch.Tensor:
         """First-order change of J for edits that change each reading's S by ``logprob_delta``, the
-        length by ``length_delta`` and write ``phrase``: the objective's terms estimate it."""
-        return self.objective.estimate(self, Change(logprob_delta, length_delta, phrase))
+        length by ``length_delta`` and write ``phrase`` (making one candidate ``body``, when given):
+        the objective's terms estimate it."""
+        return self.objective.estimate(self, Change(logprob_delta, length_delta, phrase, body))
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,17 @@ class Proposal:
 
 def make_proposal(step: StepInput, edits: list[Edit], estimate: float, phrase: str | None = None) -> Proposal:
     return Proposal(edits, estimate, phrase, apply_edits(step.body, edits))
+
+
+def token_spans(step: StepInput, phrase: str) -> list[tuple[int, int]]:
+    """The [start, end) token ranges of the body that hold each occurrence of ``phrase`` in its text."""
+    ends = [len(step.vocab.decode(step.body[: i + 1])) for i in range(len(step.body))]
+    spans = []
+    for a, b in keyword_spans(phrase, step.vocab.decode(step.body)):
+        first = next(i for i, end in enumerate(ends) if end > a)
+        last = next((i for i, end in enumerate(ends) if end >= b), len(ends) - 1)
+        spans.append((first, last + 1))
+    return spans
 
 
 def dedupe(proposals: Sequence[Proposal], current: list[int], budget: int) -> list[Proposal]:

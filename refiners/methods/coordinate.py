@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from refiners.edits import Edit
-from refiners.methods.base import Proposal, RefinementMethod, StepInput, dedupe, make_proposal
+from refiners.methods.base import (
+    Proposal,
+    RefinementMethod,
+    StepInput,
+    dedupe,
+    make_proposal,
+    token_spans,
+)
 
 if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
@@ -56,6 +63,37 @@ def replacement_gains(step: StepInput) -> torch.Tensor:
     return gains
 
 
+def removals(step: StepInput, replacements: int = 2, words_before: int = 2) -> list[Proposal]:
+    """For each present phrase the objective wants removed (a word to avoid): every occurrence deleted,
+    alone and with the one or two words before it ("with a ball"), then every occurrence replaced by
+    the single tokens the first-order estimate ranks best there."""
+    if not step.unwanted:
+        return []
+    gains = replacement_gains(step)
+    out = []
+    for phrase in step.unwanted:
+        spans = token_spans(step, phrase)
+        for extra in range(words_before + 1):
+            starts = [word_start(step, i, extra) for i, _ in spans]
+            edits = [Edit("delete", s, tuple(step.body[s:j]), ()) for s, (_, j) in zip(starts, spans)]
+            out.append(make_proposal(step, edits, 0.0))
+        best = {i: gains[i].topk(replacements).indices.tolist() for i, _ in spans}
+        for rank in range(replacements):
+            edits = [Edit("replace", i, tuple(step.body[i:j]), (best[i][rank],)) for i, j in spans]
+            out.append(make_proposal(step, edits, 0.0))
+    return out
+
+
+def word_start(step: StepInput, i: int, words: int) -> int:
+    """The position of the start of the ``words``-th word before the one at position i (0: i itself)."""
+    for _ in range(words):
+        i -= 1
+        while i > 0 and not step.vocab.starts_word[step.body[i]]:
+            i -= 1
+        i = max(i, 0)
+    return i
+
+
 def top_edits(gains: torch.Tensor, k: int) -> list[tuple[float, int, int]]:
     """The k largest entries of ``gains`` (rows, V) as (value, row, token), best first."""
     values, flat = gains.flatten().topk(min(k, gains.numel()))
@@ -81,8 +119,9 @@ class CoordinateMethod(RefinementMethod):
         return placements + self.general_edits(step, self.search.general_shortlist(budget))
 
     def choose(self, step: StepInput, shortlisted: Sequence[Proposal]) -> list[Proposal]:
-        """Up to B candidates whose lookahead estimate can pay, best first: most of the budget to the
-        wanted phrases, shared between them, then general edits, then more phrase placements."""
+        """Up to B candidates whose lookahead estimate can pay, best first: the removals of unwanted
+        phrases (words to avoid), most of the budget to the wanted phrases, shared between them, then
+        general edits, then more phrase placements."""
         budget = step.config.candidates
         ranked = [
             p
@@ -96,7 +135,7 @@ class CoordinateMethod(RefinementMethod):
             share = max(1, int(budget * self.search.keyword_share) // len(step.wanted))
             for phrase in step.wanted:
                 first += [p for p in placements if p.phrase == phrase][:share]
-        return dedupe(first + general + placements, step.body, budget)
+        return dedupe(removals(step) + first + general + placements, step.body, budget)
 
     def general_edits(self, step: StepInput, k: int) -> list[Proposal]:
         """The k replacements, insertions and deletions with the best first-order estimates above 0.

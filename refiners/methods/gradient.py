@@ -19,6 +19,7 @@ import torch
 
 from refiners.edits import Edit
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, dedupe, make_proposal
+from refiners.methods.coordinate import removals
 
 if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
@@ -58,7 +59,8 @@ class GradientMethod(RefinementMethod):
     name = "gradient"
 
     def propose(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
-        return [self.projected(step, step.config.candidates) for step in steps]
+        budget = [step.config.candidates for step in steps]
+        return [dedupe(removals(s) + self.projected(s, b), s.body, b) for s, b in zip(steps, budget)]
 
     def projected(self, step: StepInput, budget: int) -> list[Proposal]:
         """Up to ``budget`` projections of the step at sizes eta / 4, eta / 2, eta, 2 eta, ..."""
