@@ -10,6 +10,7 @@ further than one, and candidates scored with the shared-prefix cache score exact
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from refiners import (
 )
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import keyword_present
+from refiners.methods.base import Vocabulary
 from refiners.models import LoadedModel
 from refiners.scoring import Outputs, plan_passes
 from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids
@@ -506,3 +508,14 @@ def test_methods_see_embeddings_in_the_tables_own_scale(tokenizer) -> None:
     refiner.refine([RefineRequest(chat_prompt(tokenizer, "Hi."), output_ids(tokenizer, "A cat sat."))])
     [step] = seen
     assert torch.allclose(step.embeds, refiner.vocab.embedding[step.body], atol=1e-5)
+
+
+def test_whitespace_pieces_added_to_a_vocabulary_are_text_not_control_tokens(tokenizer) -> None:
+    # Gemma adds newline runs as whole tokens; an output ending in one must stay editable, while
+    # control tokens (EOS, chat markers) are never written.
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["\n\n\n\n", "<made-up-marker>"])
+    newlines, marker = tok.convert_tokens_to_ids(["\n\n\n\n", "<made-up-marker>"])
+    vocab = Vocabulary(tok, torch.zeros(len(tok), 4))
+    assert newlines not in vocab.special_ids and vocab.allowed[newlines]
+    assert marker in vocab.special_ids and tok.eos_token_id in vocab.special_ids

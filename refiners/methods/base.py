@@ -40,7 +40,13 @@ class Vocabulary:
         vocab_size = embedding.shape[0]
         allowed = torch.zeros(vocab_size, dtype=torch.bool, device=embedding.device)
         allowed[: min(len(tokenizer), vocab_size)] = True
-        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+        # Added tokens are control tokens, never written, except runs of whitespace that a vocabulary
+        # adds as whole tokens (Gemma's "\n\n"): those are text, and an output ending in one must stay
+        # editable.
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in added.items() if str(t).strip() or getattr(t, "special", False)
+        }
         for i in special:
             if 0 <= i < vocab_size:
                 allowed[i] = False
@@ -137,6 +143,11 @@ class StepInput:
     def unwanted(self) -> list[str]:
         """Present phrases the objective's terms would gain by removing (words to avoid)."""
         return self.objective.unwanted(self)
+
+    def allows(self, body: list[int]) -> bool:
+        """Whether the objective's terms let ``body`` replace the output (no keyword lost, no word to
+        avoid written): a candidate they veto is never scored, so it should not take the budget."""
+        return self.objective.allows(self, self.vocab.decode(body))
 
     def per_reading(self, delta: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """``delta(distribution)`` for the distribution of every reading: an edit's change of S."""

@@ -126,7 +126,7 @@ class CoordinateMethod(RefinementMethod):
         ranked = [
             p
             for p in sorted(shortlisted, key=lambda p: -p.estimate)
-            if p.estimate > self.search.min_lookahead
+            if p.estimate > self.search.min_lookahead and step.allows(p.body)
         ]
         placements = [p for p in ranked if p.phrase is not None]
         general = [p for p in ranked if p.phrase is None]
