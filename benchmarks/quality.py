@@ -1,7 +1,7 @@
 """Quality benchmark: does one refinement step make CommonGen outputs cover more concepts, without
 making them less fluent, at what cost in time?
 
-For the first N CommonGen concept sets of a slice (``--slice tuning``: sets 0-199, where defaults are
+For the first N CommonGen concept sets of a slice (``--slice tuning``: sets 0-399, where defaults are
 tuned; ``--slice held-out``: sets 793-992, which no tuning reads; see ``benchmarks.commongen``), with each
 model of ``--models`` in-process (the embedded SmolLM2 by default; ``embedded:gemma3-270m``, a base
 model, gets the instruction as plain text):
@@ -30,7 +30,7 @@ Prompts are processed one at a time (batch size 1) so the times are per request.
 appended to ``<out>.records.jsonl`` as they are produced; ``--resume`` skips the prompts already there.
 
     python -m benchmarks.quality --limit 20                  # quick run while tuning
-    python -m benchmarks.quality                             # the 200 tuning sets (make bench-quality)
+    python -m benchmarks.quality                             # the first 200 tuning sets (make bench-quality)
     python -m benchmarks.quality --slice held-out --limit 100 --methods coordinate \
         --models embedded:smollm2-135m-instruct embedded:gemma3-270m   # the reported figures
 """
