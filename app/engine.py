@@ -1,4 +1,4 @@
-"""The engine: owns the model, a bounded job queue, and the one worker thread that does all torch work.
+"""The engine: owns the model, a bounded job queue, and the one thread that does all torch work.
 
 The event loop only enqueues jobs and awaits futures; it never runs the model. The worker takes the
 first waiting job, waits up to ``batch_window_s`` for more (up to ``max_batch_size``), then for the
@@ -32,6 +32,8 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,6 +49,7 @@ from app.admission import (
     RequestTooCostlyError,
     release_free_memory,
 )
+from app.torch_thread import TorchThread
 from refiners.config import RefineConfig
 from refiners.errors import InvalidRequestError
 from refiners.generation import (
@@ -224,6 +227,8 @@ class Engine:
         refiner: the ``Refiner`` (refinement and best_of scoring); None serves plain generation only.
         limits: batching, queue and time limits (``EngineLimits``; its defaults when None).
         admission: the cost budgets (``app.admission``); None = no budgets, every job small.
+        torch_thread: the thread the work loop runs on, the one that loaded the model (``TorchThread``);
+            None = a new one. The engine closes it when it stops.
     """
 
     def __init__(
@@ -232,6 +237,7 @@ class Engine:
         refiner: Refiner | None,
         limits: EngineLimits | None = None,
         admission: Admission | None = None,
+        torch_thread: TorchThread | None = None,
     ) -> None:
         self.loaded = loaded
         self.refiner = refiner
@@ -244,7 +250,9 @@ class Engine:
         self._current_since = 0.0
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        # All torch work on one thread (see app/torch_thread.py); the engine's own one unless given.
+        self._torch = torch_thread
+        self._worker: Future[None] | None = None  # the work loop, while it runs
         self._stopping = False
         metrics.MODEL_INFO.labels(
             model_id=loaded.model_id,
@@ -255,12 +263,13 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker thread."""
-        if self._thread is not None:
+        """Start the work loop on the torch thread."""
+        if self._worker is not None:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="refiner-engine", daemon=True)
-        self._thread.start()
+        if self._torch is None:
+            self._torch = TorchThread("refiner-engine")
+        self._worker = self._torch.submit(self._work)
 
     def warm_up(self) -> None:
         """One short generation and refinement, so the first request does not pay one-off costs
@@ -328,9 +337,12 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._worker is not None:
+            futures.wait([self._worker])
+            self._worker = None
+        if self._torch is not None:
+            self._torch.close()
+            self._torch = None
         with self._cond:
             left, self._queue = list(self._queue), collections.deque()
             metrics.QUEUE_SIZE.set(0)
@@ -345,9 +357,9 @@ class Engine:
         """True when work waits (queued or running) and the worker made no progress (a decode step, a
         pass, a finished batch) for ``stall_timeout_s``, or the worker thread is gone: a liveness
         probe should then restart the server."""
-        if self._thread is None or self._stopping:
+        if self._worker is None or self._stopping:
             return False
-        if not self._thread.is_alive():
+        if self._worker.done():
             return True
         busy = self._running or bool(self._queue)
         return busy and time.monotonic() - self._last_progress > self.limits.stall_timeout_s
@@ -416,7 +428,7 @@ class Engine:
                 self._cancel(p)
 
     def _enqueue(self, job: Job, stream: bool) -> _Pending:
-        if self._thread is None or self._stopping:
+        if self._worker is None or self._stopping:
             raise EngineStoppedError("the engine is not running: retry shortly")
         if self.refiner is None and (job.refine is not None or job.best_of > 1):
             raise InvalidRequestError("this engine has no refiner: refinement and best_of are unavailable")

@@ -159,8 +159,14 @@ class Refinement(BaseModel):
     edits: list[dict[str, Any]]
     candidates_scored: int
     generate_seconds: float
-    refine_seconds: float
+    refine_seconds: float = Field(
+        description="wall time of the refinement call (of the whole batch); the parts below are this "
+        "request's share of it: prompt, gradient, propose, lookahead and scoring"
+    )
+    prompt_seconds: float
     gradient_seconds: float
+    propose_seconds: float
+    lookahead_seconds: float
     scoring_seconds: float
     steps: int
     improved: bool
@@ -200,6 +206,9 @@ class GenerateParameters(_Strict):
     details: bool = Field(False, description="return the generated tokens with their log-probabilities")
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1, description="tokens to generate (capped by the server)")
+    min_new_tokens: int | None = Field(
+        None, ge=0, description="extension (as transformers'): no EOS before this many tokens"
+    )
     # Bounded away from 0: dividing logits by ~1e-38 overflows float32 and sampling then fails.
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     return_full_text: bool | None = Field(False, description="prepend the input to generated_text")
@@ -254,6 +263,7 @@ class GenerateParameters(_Strict):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=limits.stop(self.stop, "parameters.stop"),
+            min_new_tokens=self.min_new_tokens or 0,
         )
 
     def to_refine_config(self, limits: RequestLimits) -> RefineConfig | None:

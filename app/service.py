@@ -11,6 +11,7 @@ import asyncio
 import importlib.metadata
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import Request
 
@@ -21,6 +22,7 @@ from app.errors import ServiceUnavailable
 from app.limits import RequestLimits
 from app.settings import Settings
 from app.tokenization import PromptTokenizer
+from app.torch_thread import TorchThread
 from app.upstream import UpstreamClient, upstream_client
 from app.upstream_jobs import UpstreamJobs
 from refiners import Refiner
@@ -88,20 +90,25 @@ class Service:
     async def start(self) -> None:
         """Load the model off the event loop (so /health answers 503 meanwhile), then start the engine."""
         s = self.settings
+        # Every torch call of the server, the engine's included, runs on this one thread.
+        torch_thread = TorchThread()
         try:
             if self.loaded is None:
                 log.info("loading model %s on %s (%s)", s.model, s.device, s.dtype)
-                self.loaded = await asyncio.to_thread(load_model, s.model, s.device, s.dtype, s.cache_dir)
+                self.loaded = await torch_thread.run(load_model, s.model, s.device, s.dtype, s.cache_dir)
             loaded = self.loaded
             extra = []
             if s.reward_model:
                 log.info("loading reward model %s", s.reward_model)
                 dtype = str(loaded.dtype).removeprefix("torch.")
                 extra.append(
-                    await asyncio.to_thread(load_reward_model, s.reward_model, str(loaded.device), dtype)
+                    await torch_thread.run(load_reward_model, s.reward_model, str(loaded.device), dtype)
                 )
-            refiner = await asyncio.to_thread(
-                Refiner, loaded, s.scoring_chunk_size, extra, scoring_pass_bytes=s.scoring_pass_mb * MB
+            refiner = await torch_thread.run(
+                partial(Refiner, scoring_pass_bytes=s.scoring_pass_mb * MB),
+                loaded,
+                s.scoring_chunk_size,
+                extra,
             )
             tokens = PromptTokenizer(loaded.tokenizer, s, loaded.max_position_embeddings)
             limits = RequestLimits(
@@ -109,8 +116,8 @@ class Service:
                 tuple(refiner.objective.names),
                 lambda text: len(loaded.tokenizer.encode(text, add_special_tokens=False)),
             )
-            engine = _engine(s, loaded, refiner)
-            await asyncio.to_thread(engine.warm_up)
+            engine = _engine(s, loaded, refiner, torch_thread)
+            await torch_thread.run(engine.warm_up)
             engine.start()
             upstream = upstream_client(s)
             jobs = _job_runner(s, engine, upstream)
@@ -122,6 +129,7 @@ class Service:
             if upstream is not None:
                 log.info("initial outputs come from %s; the local model refines them", upstream.name)
         except Exception as exc:  # keep serving /health with the reason rather than dying silently
+            torch_thread.close()
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("the model could not be loaded")
 
@@ -133,7 +141,7 @@ class Service:
             await asyncio.to_thread(ready.engine.stop)
 
 
-def _engine(s: Settings, loaded: LoadedModel, refiner: Refiner) -> Engine:
+def _engine(s: Settings, loaded: LoadedModel, refiner: Refiner, torch_thread: TorchThread) -> Engine:
     """The engine over ``refiner`` with the settings' batching, queue, time and cost limits."""
     limits = EngineLimits(
         max_batch_size=s.max_batch_size,
@@ -153,6 +161,7 @@ def _engine(s: Settings, loaded: LoadedModel, refiner: Refiner) -> Engine:
             request_seconds=s.request_work_s,
             small_seconds=s.small_request_s,
         ),
+        torch_thread=torch_thread,
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,13 +38,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers import LlamaConfig
 
 from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids
 from benchmarks.report import (
@@ -152,18 +153,13 @@ def load_arch(arch: str, device: str) -> LoadedModel:
 # -- part (a): latency breakdown -----------------------------------------------------------------
 
 
-@dataclass
-class ExactLengthParams(SamplingParams):
-    """Greedy decoding that never emits EOS or another special token, so the output has exactly
-    ``max_new_tokens`` tokens (unless the context runs out)."""
+def exact_length(length: int) -> SamplingParams:
+    """Greedy decoding that never stops at EOS before ``length`` tokens: every output has exactly
+    ``length`` tokens (unless the context runs out). The server takes the same as ``min_new_tokens``."""
+    return SamplingParams(max_new_tokens=length, min_new_tokens=length)
 
-    suppress: tuple[int, ...] = ()
-    device: str = "cpu"
 
-    def logits_processors(self) -> LogitsProcessorList:
-        processors = super().logits_processors()
-        processors.append(SuppressTokensLogitsProcessor(list(self.suppress), device=self.device))
-        return processors
+STEP_PARTS = ("prompt", "gradient", "propose", "lookahead", "scoring")
 
 
 def _sync(device: torch.device) -> None:
@@ -177,6 +173,18 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+@dataclass
+class Timing:
+    """One request's times in process: our generation, ``model.generate`` on the same prompt (None when
+    not measured), and each method's step with its parts."""
+
+    generate_s: float
+    hf_generate_s: float | None
+    tokens: int
+    refine_s: dict[str, float]
+    parts: dict[str, dict[str, float]]
+
+
 class LatencyBench:
     """Times generation and each method's refinement, one request at a time, at fixed output lengths.
 
@@ -184,40 +192,57 @@ class LatencyBench:
         loaded: the model (any device).
         methods: refinement methods to time.
         items: concept sets whose prompts (and concepts, as keywords) are used, one request each.
+        compare_hf: also time ``model.generate`` (greedy, the same length) on each prompt.
     """
 
-    def __init__(self, loaded: LoadedModel, methods: Sequence[str], items: Sequence[ConceptSet]):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        methods: Sequence[str],
+        items: Sequence[ConceptSet],
+        compare_hf: bool = True,
+    ):
         self.loaded = loaded
         self.methods = tuple(methods)
         self.items = list(items)
         self.generator = BatchGenerator(loaded)
         self.refiner = Refiner(loaded)
-        self.suppress = tuple(sorted(set(loaded.tokenizer.all_special_ids) | loaded.eos_token_ids))
+        self.compare_hf = compare_hf
 
-    def _one(self, item: ConceptSet, length: int) -> tuple[float, int, dict[str, float]]:
-        """(generation seconds, output tokens, {method: refine seconds}) for one request."""
+    def _timed(self, fn: Any) -> tuple[float, Any]:
         device = self.loaded.device
-        prompt = prompt_ids(self.loaded.tokenizer, item)
-        params = ExactLengthParams(max_new_tokens=length, suppress=self.suppress, device=str(device))
         _sync(device)
         started = time.perf_counter()
-        [out] = self.generator.generate([prompt], [params], keep_prompt_cache=True)  # as the server does
+        value = fn()
         _sync(device)
-        gen_s = time.perf_counter() - started
-        refine_s = {}
-        for method in self.methods:
-            request = RefineRequest(
-                prompt,
-                list(out.token_ids),
-                RefineConfig(method=method, keywords=item.concepts),
-                out.prompt_cache,
+        return time.perf_counter() - started, value
+
+    def _hf_generate(self, prompt: list[int], length: int) -> None:
+        ids = torch.tensor([prompt], device=self.loaded.device)
+        with torch.inference_mode():
+            self.loaded.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=False,
+                pad_token_id=self.generator.pad_token_id,
             )
-            _sync(device)
-            started = time.perf_counter()
-            self.refiner.refine([request])
-            _sync(device)
-            refine_s[method] = time.perf_counter() - started
-        return gen_s, len(out.token_ids), refine_s
+
+    def _one(self, item: ConceptSet, length: int) -> Timing:
+        prompt = prompt_ids(self.loaded.tokenizer, item)
+        # keep_prompt_cache as the server does: the step reuses the prompt's cache.
+        gen_s, [out] = self._timed(
+            lambda: self.generator.generate([prompt], [exact_length(length)], keep_prompt_cache=True)
+        )
+        hf_s = self._timed(lambda: self._hf_generate(prompt, length))[0] if self.compare_hf else None
+        refine_s, parts = {}, {}
+        for method in self.methods:
+            config = RefineConfig(method=method, keywords=item.concepts)
+            request = RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)
+            refine_s[method], [result] = self._timed(lambda r=request: self.refiner.refine([r]))
+            parts[method] = {part: getattr(result, f"{part}_seconds") for part in STEP_PARTS}
+        return Timing(gen_s, hf_s, len(out.token_ids), refine_s, parts)
 
     def run(self, lengths: Sequence[int], warmup: int, arch: str) -> list[dict[str, Any]]:
         device = self.loaded.device
@@ -228,9 +253,11 @@ class LatencyBench:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             runs = [self._one(item, length) for item in self.items]
-            gen = [r[0] for r in runs]
+            gen = [r.generate_s for r in runs]
+            hf = [r.hf_generate_s for r in runs if r.hf_generate_s is not None]
+            tokens = mean([r.tokens for r in runs])
             for method in self.methods:
-                ref = [r[2][method] for r in runs]
+                ref = [r.refine_s[method] for r in runs]
                 rows.append(
                     {
                         "arch": arch,
@@ -239,10 +266,14 @@ class LatencyBench:
                         "dtype": str(self.loaded.dtype).removeprefix("torch."),
                         "method": method,
                         "target_tokens": length,
-                        "tokens_mean": mean([r[1] for r in runs]),
+                        "tokens_mean": tokens,
                         "requests": len(runs),
                         "generate_s": mean(gen),
+                        "tokens_per_s": tokens / mean(gen),
+                        "hf_generate_s": mean(hf) if hf else float("nan"),
+                        "hf_tokens_per_s": tokens / mean(hf) if hf else float("nan"),
                         "refine_s": mean(ref),
+                        **{f"{part}_s": mean([r.parts[method][part] for r in runs]) for part in STEP_PARTS},
                         "ratio": mean(ref) / mean(gen),
                         "ratio_mean_per_request": mean([r / g for r, g in zip(ref, gen, strict=True)]),
                         "peak_memory_mb": _peak_memory_mb(device),
@@ -252,12 +283,13 @@ class LatencyBench:
                     }
                 )
                 log.info(
-                    "%s %s %d tokens %s: generate %.3f s, refine %.3f s (%.2fx)",
+                    "%s %s %d tokens %s: generate %.3f s (model.generate %.3f s), refine %.3f s (%.2fx)",
                     arch,
                     device.type,
                     length,
                     method,
                     rows[-1]["generate_s"],
+                    rows[-1]["hf_generate_s"],
                     rows[-1]["refine_s"],
                     rows[-1]["ratio"],
                 )
@@ -270,10 +302,12 @@ LATENCY_TABLE = [
     Column("target_tokens", "tokens"),
     Column("method", "method"),
     Column("requests", "n"),
+    Column("tokens_per_s", "tok/s", ".1f"),
+    Column("hf_tokens_per_s", "model.generate tok/s", ".1f"),
     Column("generate_s", "generate s", ".3f"),
     Column("refine_s", "refine s", ".3f"),
+    *(Column(f"{part}_s", part, ".3f") for part in STEP_PARTS),
     Column("ratio", "refine/gen", ".2f"),
-    Column("ratio_mean_per_request", "refine/gen (per req.)", ".2f"),
     Column("peak_memory_mb", "peak MiB", ".0f"),
 ]
 
@@ -492,6 +526,112 @@ def run_throughput(
     return rows
 
 
+def run_server_latency(
+    texts: Sequence[str],
+    concepts: Sequence[Sequence[str]],
+    lengths: Sequence[int],
+    model: str | None = None,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Through ``refiner serve``, one request at a time: each prompt plain, then refined (keywords = its
+    concepts), at exactly each length (``min_new_tokens``). Reports the client's wall times and the
+    times the server reports in ``details.refinement``."""
+    import httpx
+
+    env = {"REFINER_MAX_NEW_TOKENS": str(max(lengths)), "REFINER_REQUEST_TIMEOUT_S": "900"}
+    server = ServerProcess(env, model=model, device=device)
+    rows = []
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=900) as http:
+
+            def post(text: str, words: Sequence[str], length: int, refine: bool) -> tuple[float, dict]:
+                refine_params: dict[str, Any] = {"enabled": refine}
+                if refine:
+                    refine_params["keywords"] = list(words)
+                body = {
+                    "inputs": text,
+                    "parameters": {
+                        "max_new_tokens": length,
+                        "min_new_tokens": length,
+                        "details": True,
+                        "refine": refine_params,
+                    },
+                }
+                started = time.perf_counter()
+                response = http.post("/generate", json=body)
+                wall = time.perf_counter() - started
+                response.raise_for_status()
+                return wall, response.json()["details"]
+
+            for length in lengths:
+                post(texts[0], concepts[0], length, True)  # warm-up, not recorded
+                runs = []
+                for text, words in zip(texts, concepts, strict=True):
+                    plain_s, _ = post(text, words, length, False)
+                    refined_s, details = post(text, words, length, True)
+                    runs.append((plain_s, refined_s, details["generated_tokens"], details["refinement"]))
+                reports = [r[3] for r in runs]
+                row = {
+                    "target_tokens": length,
+                    "requests": len(runs),
+                    "tokens_mean": mean([r[2] for r in runs]),
+                    "plain_request_s": mean([r[0] for r in runs]),
+                    "refined_request_s": mean([r[1] for r in runs]),
+                    "server_generate_s": mean([r["generate_seconds"] for r in reports]),
+                    "server_refine_s": mean([r["refine_seconds"] for r in reports]),
+                    **{
+                        f"server_{part}_s": mean([r[f"{part}_seconds"] for r in reports])
+                        for part in STEP_PARTS
+                    },
+                }
+                row["refined_over_plain"] = row["refined_request_s"] / row["plain_request_s"]
+                row["server_ratio"] = row["server_refine_s"] / row["server_generate_s"]
+                rows.append(row)
+                log.info(
+                    "server %d tokens: plain %.3f s, refined %.3f s (%.2fx); refine/generate %.2f",
+                    length,
+                    row["plain_request_s"],
+                    row["refined_request_s"],
+                    row["refined_over_plain"],
+                    row["server_ratio"],
+                )
+        for row in rows:
+            row["server_peak_rss_mb"] = server.peak_rss_mb()
+    finally:
+        server.stop()
+    return rows
+
+
+def side_by_side(server_rows: list[dict[str, Any]], latency_rows: list[dict[str, Any]]) -> None:
+    """Add the in-process figures of the same requests (method coordinate) to each server row."""
+    local = {r["target_tokens"]: r for r in latency_rows if r["method"] == "coordinate"}
+    for row in server_rows:
+        here = local.get(row["target_tokens"])
+        if here is None:
+            continue
+        row["in_process_generate_s"] = here["generate_s"]
+        row["in_process_refine_s"] = here["refine_s"]
+        row["server_over_in_process_generate"] = row["server_generate_s"] / here["generate_s"]
+        row["server_over_in_process_refine"] = row["server_refine_s"] / here["refine_s"]
+
+
+SERVER_TABLE = [
+    Column("target_tokens", "tokens"),
+    Column("requests", "n"),
+    Column("plain_request_s", "plain request s", ".3f"),
+    Column("refined_request_s", "refined request s", ".3f"),
+    Column("refined_over_plain", "refined/plain", ".2f"),
+    Column("server_generate_s", "server generate s", ".3f"),
+    Column("server_refine_s", "server refine s", ".3f"),
+    *(Column(f"server_{part}_s", part, ".3f") for part in STEP_PARTS),
+    Column("server_ratio", "refine/gen", ".2f"),
+    Column("in_process_refine_s", "in-process refine s", ".3f"),
+    Column("server_over_in_process_refine", "server/in-process refine", ".2f"),
+    Column("server_over_in_process_generate", "server/in-process generate", ".2f"),
+]
+
+
 THROUGHPUT_TABLE = [
     Column("batching_label", "batching"),
     Column("refine_label", "refine"),
@@ -522,12 +662,15 @@ def _label_throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["latency", "throughput", "all"], default="all")
+    parser.add_argument("--part", choices=["latency", "server", "throughput", "all"], default="all")
     parser.add_argument("--arch", choices=ARCHS, default="embedded")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="output tokens")
-    parser.add_argument("--requests", type=int, default=3, help="latency: requests (prompts) per length")
+    parser.add_argument(
+        "--requests", type=int, default=3, help="latency and server: requests (prompts) per length"
+    )
+    parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
     parser.add_argument(
         "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
     )
@@ -570,14 +713,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"arch": args.arch, "device": args.device}
     if out.is_file():  # keep the other part's results when only one part is rerun
         previous = json.loads(out.read_text())
-        result.update({k: previous[k] for k in ("latency", "throughput") if k in previous})
+        result.update({k: previous[k] for k in ("latency", "server", "throughput") if k in previous})
     items_needed = max(args.requests, 64)
     items = load_concept_sets(items_needed)
 
     if args.part in ("latency", "all"):
         loaded = load_arch(args.arch, args.device)
         warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
-        bench = LatencyBench(loaded, args.methods, items[: args.requests])
+        bench = LatencyBench(loaded, args.methods, items[: args.requests], compare_hf=not args.no_hf)
         rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
         result["latency"] = {
             "settings": {
@@ -597,60 +740,88 @@ def main(argv: list[str] | None = None) -> int:
             f"Generation vs refinement time per request ({args.arch}, {args.device})",
         )
 
-    if args.part in ("throughput", "all"):
-        model, tmpdir = None, None
-        if args.arch != "embedded":  # the server loads models from disk: save the random-weight one once
-            tmpdir = tempfile.TemporaryDirectory(prefix=f"refiner-{args.arch}-")
-            loaded = load_arch(args.arch, args.device)
-            loaded.model.save_pretrained(tmpdir.name)
-            loaded.tokenizer.save_pretrained(tmpdir.name)
-            model = tmpdir.name
-            del loaded
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-        from refiners.models import EMBEDDED_MODEL, load_model
+    if args.part not in ("server", "throughput", "all"):
+        write_json(out, result)
+        print(f"\nwrote {out}")
+        return 0
+    from refiners.models import EMBEDDED_MODEL, load_model
 
-        tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
-        texts = [tokenizer.decode(prompt_ids(tokenizer, it)) for it in items]
-        refine_modes = [False] if args.no_refine_only else [False, True]
-        try:
-            rows = run_throughput(
-                texts,
-                [it.concepts for it in items],
-                args.concurrency,
-                args.batch_sizes,
-                refine_modes,
-                args.max_new_tokens,
-                args.requests_per_level,
-                args.max_requests_per_level,
-                model=model,
-                device=args.device,
+    tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
+    texts = [tokenizer.decode(prompt_ids(tokenizer, it)) for it in items]
+    with served_model(args.arch, args.device) as model:
+        if args.part in ("server", "all"):
+            n = args.requests
+            rows = run_server_latency(
+                texts[:n], [it.concepts for it in items[:n]], args.lengths, model, args.device
             )
-        finally:
-            if tmpdir is not None:
-                tmpdir.cleanup()
-        rows = _label_throughput(rows)
-        result["throughput"] = {
-            "settings": {
-                "concurrency": args.concurrency,
-                "batch_sizes": args.batch_sizes,
-                "max_new_tokens": args.max_new_tokens,
-                "requests_per_level": args.requests_per_level,
-                "max_requests_per_level": args.max_requests_per_level,
-            },
-            "rows": rows,
-        }
-        print(f"\nThroughput through the HTTP server ({args.arch}, {args.device})\n")
-        print(markdown_table(rows, THROUGHPUT_TABLE))
-        plot_throughput(
-            out.with_name(out.stem + "-throughput.png"),
-            rows,
-            f"POST /generate throughput ({args.arch}, {args.device}, {args.max_new_tokens} tokens)",
-        )
+            side_by_side(rows, result.get("latency", {}).get("rows", []))
+            result["server"] = {"settings": {"lengths": args.lengths, "requests": n}, "rows": rows}
+            print(f"\nOne request at a time through the HTTP server ({args.arch}, {args.device})\n")
+            print(markdown_table(rows, SERVER_TABLE))
+        if args.part in ("throughput", "all"):
+            run_throughput_part(args, result, out, texts, [it.concepts for it in items], model)
 
     write_json(out, result)
     print(f"\nwrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def served_model(arch: str, device: str) -> Iterator[str | None]:
+    """What ``refiner serve --model`` loads: None for the embedded model; a random-weight Llama is saved
+    to a temporary directory once."""
+    if arch == "embedded":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f"refiner-{arch}-") as tmpdir:
+        loaded = load_arch(arch, device)
+        loaded.model.save_pretrained(tmpdir)
+        loaded.tokenizer.save_pretrained(tmpdir)
+        del loaded
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        yield tmpdir
+
+
+def run_throughput_part(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    out: Path,
+    texts: list[str],
+    concepts: list[tuple[str, ...]],
+    model: str | None,
+) -> None:
+    refine_modes = [False] if args.no_refine_only else [False, True]
+    rows = run_throughput(
+        texts,
+        concepts,
+        args.concurrency,
+        args.batch_sizes,
+        refine_modes,
+        args.max_new_tokens,
+        args.requests_per_level,
+        args.max_requests_per_level,
+        model=model,
+        device=args.device,
+    )
+    rows = _label_throughput(rows)
+    result["throughput"] = {
+        "settings": {
+            "concurrency": args.concurrency,
+            "batch_sizes": args.batch_sizes,
+            "max_new_tokens": args.max_new_tokens,
+            "requests_per_level": args.requests_per_level,
+            "max_requests_per_level": args.max_requests_per_level,
+        },
+        "rows": rows,
+    }
+    print(f"\nThroughput through the HTTP server ({args.arch}, {args.device})\n")
+    print(markdown_table(rows, THROUGHPUT_TABLE))
+    plot_throughput(
+        out.with_name(out.stem + "-throughput.png"),
+        rows,
+        f"POST /generate throughput ({args.arch}, {args.device}, {args.max_new_tokens} tokens)",
+    )
 
 
 if __name__ == "__main__":

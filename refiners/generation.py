@@ -26,6 +26,7 @@ import torch
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -61,6 +62,8 @@ class SamplingParams:
         repetition_penalty: CTRL penalty on tokens already in the prompt or output; 1.0 = none.
         seed: seed of this row's random generator; None = a fresh random seed (reported back).
         stop: strings that end the row as soon as the decoded output contains one.
+        min_new_tokens: EOS is never chosen before the row has this many tokens (as transformers'
+            ``min_new_tokens``); benchmarks use it to get outputs of an exact length.
     """
 
     max_new_tokens: int = 32
@@ -71,12 +74,18 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         # An empty stop string would match at once; drop it rather than end every row immediately.
         self.stop = tuple(s for s in self.stop if s)
         if self.max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidRequestError(
+                f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
         if not self.temperature > 0:
             raise InvalidRequestError(
                 f"temperature must be > 0, got {self.temperature} (for greedy decoding, set do_sample false)"
@@ -275,13 +284,20 @@ class BatchGenerator:
         if params.do_sample:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        processors = params.logits_processors()
+        if params.min_new_tokens:  # first, as in transformers: EOS gets no probability at all
+            eos = sorted(self.eos_token_ids)
+            processors.insert(
+                0,
+                MinNewTokensLengthLogitsProcessor(len(prompt), params.min_new_tokens, eos, str(self.device)),
+            )
         return _Row(
             index=index,
             params=params,
             prompt_len=len(prompt),
             pad=width - len(prompt),
             budget=min(params.max_new_tokens, room),
-            processors=params.logits_processors(),
+            processors=processors,
             generator=generator,
             seed=seed if params.do_sample else params.seed,
         )

@@ -9,6 +9,7 @@ The rest of the text counts as unchanged, so the estimate stays an estimate (exa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -39,12 +40,22 @@ class Lookahead:
     ) -> None:
         self.runner, self.state, self.current = runner, state, current
         self.tokens, self.checkpoint = tokens, checkpoint
+        self.seconds = 0.0  # spent in calls, for the step's timing
 
     def __call__(
         self, steps: Sequence[StepInput], shortlists: Sequence[Sequence[Proposal]]
     ) -> list[list[Proposal]]:
         """Each single-edit proposal of ``shortlists[j]`` (edits of ``steps[j]``) with its estimate made
         exact over its window; edits that do not round-trip through the tokenizer are dropped."""
+        started = time.perf_counter()
+        try:
+            return self._estimates(steps, shortlists)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _estimates(
+        self, steps: Sequence[StepInput], shortlists: Sequence[Sequence[Proposal]]
+    ) -> list[list[Proposal]]:
         flat = [
             (j, p) for j, props in enumerate(shortlists) for p in props if steps[j].vocab.round_trips(p.body)
         ]

@@ -167,8 +167,8 @@ class Refiner:
             body, tail, text = self._split(list(r.output_ids))
             prompt = self.vocab.decode(r.prompt_ids)
             tracks.append(_Track(r.config, prompt, body, tail, text, initial_ids=body + tail))
-        clock = {"gradient": 0.0, "scoring": 0.0}
-        with _timed(clock, "gradient"):
+        clock = dict.fromkeys(("prompt", "gradient", "propose", "lookahead", "scoring"), 0.0)
+        with _timed(clock, "prompt"):
             state = self.runner.prompt_state(
                 [r.prompt_ids for r in requests],
                 [r.prompt_cache for r in requests],
@@ -181,9 +181,10 @@ class Refiner:
             checkpoint()
             with _timed(clock, "gradient"):
                 inputs, current = self._gradient_step(state, [tracks[i] for i in active], active)
-            with _timed(clock, "scoring"):
-                lookahead = Lookahead(self.runner, state, current, self.search.lookahead_tokens, checkpoint)
-                self._score_and_accept(state, current, [tracks[i] for i in active], inputs, lookahead, step)
+            lookahead = Lookahead(self.runner, state, current, self.search.lookahead_tokens, checkpoint)
+            self._score_and_accept(
+                state, current, [tracks[i] for i in active], inputs, lookahead, step, clock
+            )
         # Time is spent for the batch as a whole; each request reports its share.
         return [self._result(t, clock, len(tracks)) for t in tracks]
 
@@ -265,23 +266,28 @@ class Refiner:
         steps: list[StepInput],
         lookahead: Lookahead,
         step: int,
+        clock: dict[str, float],
     ) -> None:
         """Propose (each method for its requests), score, combine, score, keep the best if it pays."""
         methods = [self.methods[t.config.method] for t in tracks]
         proposals: list[list[Proposal]] = [[] for _ in tracks]
-        for method in dict.fromkeys(methods):  # one call per method, so its lookahead is one pass
-            mine = [j for j, m in enumerate(methods) if m is method]
-            for j, props in zip(mine, method.propose([steps[j] for j in mine], lookahead)):
-                proposals[j] = props
-        scored = self._score_batch(state, current, tracks, steps, proposals, lookahead.checkpoint)
-        combos = [
-            m.combine(s, [(p, total) for p, total, _ in sc]) for m, s, sc in zip(methods, steps, scored)
-        ]
-        if any(combos):
-            for j, extra in enumerate(
-                self._score_batch(state, current, tracks, steps, combos, lookahead.checkpoint)
-            ):
-                scored[j] += extra
+        with _timed(clock, "propose"):
+            for method in dict.fromkeys(methods):  # one call per method, so its lookahead is one pass
+                mine = [j for j, m in enumerate(methods) if m is method]
+                for j, props in zip(mine, method.propose([steps[j] for j in mine], lookahead)):
+                    proposals[j] = props
+        clock["propose"] -= lookahead.seconds  # the lookahead's passes are a part of their own
+        clock["lookahead"] += lookahead.seconds
+        with _timed(clock, "scoring"):
+            scored = self._score_batch(state, current, tracks, steps, proposals, lookahead.checkpoint)
+            combos = [
+                m.combine(s, [(p, total) for p, total, _ in sc]) for m, s, sc in zip(methods, steps, scored)
+            ]
+            if any(combos):
+                for j, extra in enumerate(
+                    self._score_batch(state, current, tracks, steps, combos, lookahead.checkpoint)
+                ):
+                    scored[j] += extra
         for t, candidates in zip(tracks, scored):
             t.steps += 1
             best = max(candidates, key=lambda x: x[1], default=None)
@@ -317,8 +323,7 @@ class Refiner:
             objective_after=t.report,
             edits=t.edits,
             candidates_scored=t.candidates,
-            gradient_seconds=clock["gradient"] / batch,
-            scoring_seconds=clock["scoring"] / batch,
+            **{f"{part}_seconds": seconds / batch for part, seconds in clock.items()},
             steps=t.steps,
         )
 

@@ -18,6 +18,7 @@ from app.engine import (
     RequestTimeoutError,
     TokenEvent,
 )
+from app.torch_thread import TorchThread
 from refiners import RefineConfig, Refiner, RefineRequest
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.generation import BatchGenerator, GenerationOutput, SamplingParams
@@ -369,3 +370,23 @@ def test_warm_up_runs_the_model_once_without_counting_as_a_request(loaded, refin
         assert result.refinement is not None
     finally:
         del refiner.refine
+
+
+def test_torch_thread_runs_every_call_on_its_one_thread_in_order():
+    torch_thread = TorchThread("test-torch")
+    seen: list[tuple[int, str]] = []
+
+    def note(k: int) -> None:
+        seen.append((k, threading.current_thread().name))
+
+    for f in [torch_thread.submit(note, k) for k in range(5)]:
+        f.result(timeout=10)
+    assert seen == [(k, "test-torch") for k in range(5)]
+
+    def fails() -> None:
+        raise ValueError("from the torch thread")
+
+    with pytest.raises(ValueError, match="from the torch thread"):
+        asyncio.run(torch_thread.run(fails))
+    assert asyncio.run(torch_thread.run(lambda a, b: a + b, 2, 3)) == 5
+    torch_thread.close()

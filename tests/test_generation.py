@@ -128,6 +128,21 @@ def test_eos_ends_a_row_and_is_included_in_token_ids(loaded, prompts):
     if eos not in full[1].token_ids:  # the neighbour is unaffected
         assert outs[1].token_ids == full[1].token_ids
 
+    # min_new_tokens: that row goes past the EOS to its budget, as transformers' generate does; its
+    # neighbour (no minimum) still stops at the EOS.
+    loaded.model.generation_config.eos_token_id = eos
+    try:
+        at_least = SamplingParams(max_new_tokens=10, min_new_tokens=10)
+        outs = BatchGenerator(loaded).generate(prompts[:2], [at_least, params])
+        ids = torch.tensor([prompts[0]])
+        expected = loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    finally:
+        loaded.model.generation_config.eos_token_id = saved
+    assert len(outs[0].token_ids) == 10 and outs[0].finish_reason == "length" and eos not in outs[0].token_ids
+    assert outs[0].token_ids == expected
+
 
 def test_on_token_sees_every_token_of_every_row_in_order(loaded, prompts):
     seen: dict[int, list[tuple[int, float]]] = {0: [], 1: [], 2: []}
@@ -174,6 +189,7 @@ def test_row_budget_is_capped_by_the_context_length(tokenizer):
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"seed": -1}, "seed"),
+        ({"max_new_tokens": 4, "min_new_tokens": 5}, "min_new_tokens"),
     ],
 )
 def test_invalid_sampling_params_raise_invalid_request_error(kwargs, message):

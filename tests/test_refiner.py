@@ -206,7 +206,8 @@ def test_result_carries_ids_texts_objectives_edits_and_timings(suite, tokenizer)
             assert result.objective_after["keywords"] == present
         assert result.candidates_scored > 0
         assert result.gradient_seconds > 0 and result.scoring_seconds > 0
-        assert result.refine_seconds == pytest.approx(result.gradient_seconds + result.scoring_seconds)
+        parts = ("prompt", "gradient", "propose", "lookahead", "scoring")
+        assert result.refine_seconds == pytest.approx(sum(getattr(result, f"{p}_seconds") for p in parts))
         assert result.steps == 1
         assert result.improved == (result.refined_ids != result.initial_ids)
         for edit in result.edits:

@@ -130,8 +130,9 @@ function renderRefinement(r) {
   }));
   if (!r.edits.length) $("edits").innerHTML = "<li>no edits (nothing scored higher)</li>";
   $("stats").textContent = `${r.method}: ${r.candidates_scored} candidates scored; generate ` +
-    `${r.generate_seconds.toFixed(3)} s, gradient ${r.gradient_seconds.toFixed(3)} s, scoring ` +
-    `${r.scoring_seconds.toFixed(3)} s`;
+    `${r.generate_seconds.toFixed(3)} s, refine ${r.refine_seconds.toFixed(3)} s (gradient ` +
+    `${r.gradient_seconds.toFixed(3)} s, lookahead ${r.lookahead_seconds.toFixed(3)} s, scoring ` +
+    `${r.scoring_seconds.toFixed(3)} s)`;
 }
 
 // ---- Server-sent events from fetch() (EventSource cannot POST).
