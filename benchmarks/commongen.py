@@ -110,3 +110,11 @@ def concept_coverage(concepts: Sequence[str], text: str) -> float:
     """Fraction of ``concepts`` present in ``text``, by the refiner's own matcher
     (``refiners.keywords.keyword_present``, through ``refiners.keywords.coverage``)."""
     return coverage(tuple(concepts), text)
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, item: ConceptSet) -> str:
+    """The ``inputs`` text of ``POST /generate`` that the server encodes to ``prompt_ids``: the chat
+    template's text (its special tokens written out), or the plain prompt (the server adds the BOS)."""
+    if not tokenizer.chat_template:
+        return PLAIN_PROMPT.format(concepts=", ".join(item.concepts))
+    return tokenizer.decode(prompt_ids(tokenizer, item))

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids
+from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids, prompt_text
 from benchmarks.report import (
     RESULTS_DIR,
     Column,
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (16, 32, 64, 128)
 CONCURRENCY = (1, 4, 16, 64)
-ARCHS = ("embedded", "llama-1b", "llama-8b")
+ARCHS = ("embedded", "gemma3", "llama-1b", "llama-8b")
 
 # Real sizes of the Llama 3 models (config.json of meta-llama/Llama-3.2-1B and Llama-3.1-8B).
 _LLAMA3_COMMON = dict(
@@ -140,8 +140,10 @@ def random_llama(arch: str, tokenizer: Any, device: str, dtype: torch.dtype = to
 
 
 def load_arch(arch: str, device: str) -> LoadedModel:
-    from refiners.models import EMBEDDED_MODEL, load_model
+    from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, load_model
 
+    if arch == "gemma3":
+        return load_model(EMBEDDED_GEMMA, device=device)
     embedded = load_model(EMBEDDED_MODEL, device=device)
     if arch == "embedded":
         return embedded
@@ -744,10 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, result)
         print(f"\nwrote {out}")
         return 0
-    from refiners.models import EMBEDDED_MODEL, load_model
-
-    tokenizer = load_model(EMBEDDED_MODEL, device="cpu").tokenizer
-    texts = [tokenizer.decode(prompt_ids(tokenizer, it)) for it in items]
+    tokenizer = load_arch("gemma3" if args.arch == "gemma3" else "embedded", "cpu").tokenizer
+    texts = [prompt_text(tokenizer, it) for it in items]
     with served_model(args.arch, args.device) as model:
         if args.part in ("server", "all"):
             n = args.requests
@@ -770,8 +770,10 @@ def main(argv: list[str] | None = None) -> int:
 def served_model(arch: str, device: str) -> Iterator[str | None]:
     """What ``refiner serve --model`` loads: None for the embedded model; a random-weight Llama is saved
     to a temporary directory once."""
-    if arch == "embedded":
-        yield None
+    if arch in ("embedded", "gemma3"):
+        from refiners.models import EMBEDDED_GEMMA
+
+        yield EMBEDDED_GEMMA if arch == "gemma3" else None
         return
     with tempfile.TemporaryDirectory(prefix=f"refiner-{arch}-") as tmpdir:
         loaded = load_arch(arch, device)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from refiners.objective import PROMPTED
 from refiners.scoring import Outputs
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ class Lookahead:
         runner: runs the windows; ``state``, ``current``: the step's prompts and current outputs.
         tokens: tokens after each edit that are scored exactly (``SearchConfig.lookahead_tokens``).
         checkpoint: runs before each pass (may raise to stop the work).
+        free_context: also run each window without the prompt, for the terms that read the prompt-free
+            reading (``SearchConfig.lookahead_free_context``); False halves the lookahead's work.
     """
 
     def __init__(
@@ -37,9 +40,10 @@ class Lookahead:
         current: CurrentOutputs,
         tokens: int,
         checkpoint: Checkpoint,
+        free_context: bool = True,
     ) -> None:
         self.runner, self.state, self.current = runner, state, current
-        self.tokens, self.checkpoint = tokens, checkpoint
+        self.tokens, self.checkpoint, self.free_context = tokens, checkpoint, free_context
         self.seconds = 0.0  # spent in calls, for the step's timing
 
     def __call__(
@@ -64,14 +68,18 @@ class Lookahead:
             return kept
         windows = [self._window(steps[j], p) for j, p in flat]
         outputs = Outputs([steps[j].row for j, _ in flat], windows, [steps[j].config for j, _ in flat])
-        passes = self.runner.read_outputs(self.state, outputs, self.current, checkpoint=self.checkpoint)
+        passes = self.runner.read_outputs(
+            self.state, outputs, self.current, checkpoint=self.checkpoint, free_context=self.free_context
+        )
         readings = passes.readings()
         for c, (j, p) in enumerate(flat):
             step, (edit,) = steps[j], p.edits
             start, grown = edit.position, len(edit.new_tokens) - len(edit.old_tokens)
             old_end = start + len(edit.old_tokens) + self.tokens
+            # Without its own pass, a reading's change is taken to be the prompted reading's.
             delta = {
-                r: readings[r][c, start : len(windows[c])].sum() - step.token_logprobs[r][start:old_end].sum()
+                r: readings.get(r, readings[PROMPTED])[c, start : len(windows[c])].sum()
+                - step.token_logprobs[r][start:old_end].sum()
                 for r in step.distributions
             }
             estimate = float(step.estimate(delta, grown, p.phrase, p.body))

@@ -177,9 +177,12 @@ class NormalisedLogProbTerm(ObjectiveTerm):
     def estimate(self, step: StepInput, change: Change) -> torch.Tensor | float:
         """The new sum over the new normaliser, minus the current value: exact when the delta is."""
         s, n, alpha = step.logprob_sum(self.reading), step.length, step.config.length_penalty
-        new_n = torch.tensor(float(max(n + change.length_delta, 1)))
+        scale = 1.0 / float(
+            gnmt_length_normaliser(torch.tensor(float(max(n + change.length_delta, 1))), alpha)
+        )
         current = s / gnmt_length_normaliser(torch.tensor(float(max(n, 1))), alpha)
-        return (s + change.logprob_delta[self.reading]) / gnmt_length_normaliser(new_n, alpha) - current
+        # (s + delta) * scale - current, in one pass over an (m, V) delta.
+        return torch.add(s * scale - current, change.logprob_delta[self.reading], alpha=scale)
 
 
 class LogProbTerm(NormalisedLogProbTerm):
@@ -516,9 +519,10 @@ class Objective:
 
     def estimate(self, step: StepInput, change: Change) -> torch.Tensor:
         """First-order change of J under ``change``: the weighted sum of the terms' estimates."""
-        gain: torch.Tensor | float = 0.0
+        gain = torch.tensor(0.0)
         for term, weight in self.weighted_terms(step.config):
-            gain = gain + weight * term.estimate(step, change)
+            # One pass per term over an (m, V) estimate: gain + weight * estimate.
+            gain = gain.add(torch.as_tensor(term.estimate(step, change), dtype=torch.float32), alpha=weight)
         shape = next(iter(change.logprob_delta.values())).shape if change.logprob_delta else ()
         return torch.as_tensor(gain, dtype=torch.float32).expand(shape)
 

@@ -181,7 +181,14 @@ class Refiner:
             checkpoint()
             with _timed(clock, "gradient"):
                 inputs, current = self._gradient_step(state, [tracks[i] for i in active], active)
-            lookahead = Lookahead(self.runner, state, current, self.search.lookahead_tokens, checkpoint)
+            lookahead = Lookahead(
+                self.runner,
+                state,
+                current,
+                self.search.lookahead_tokens,
+                checkpoint,
+                self.search.lookahead_free_context,
+            )
             self._score_and_accept(
                 state, current, [tracks[i] for i in active], inputs, lookahead, step, clock
             )

@@ -383,16 +383,17 @@ class ModelRunner:
         current: CurrentOutputs | None = None,
         attention: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
+        free_context: bool = True,
     ) -> OutputReadings:
         """Token log-probabilities of C outputs after prompt rows ``rows``, under every reading the
-        configs' weighted terms need, in passes of at most ``chunk_size`` outputs that fit
-        ``pass_bytes``; ``checkpoint()`` runs before each pass.
+        configs' weighted terms need (``free_context`` False: the prompted one only), in passes of at
+        most ``chunk_size`` outputs that fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
 
         Each output reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
         shares with its row's current output, so only its suffix from the first difference is
         computed. Outputs are grouped by suffix length (``plan_passes``) so little of a pass is padding.
         """
-        all_rows = self._context_rows(state, outputs.rows, outputs.configs)
+        all_rows = self._context_rows(state, outputs.rows, outputs.configs if free_context else ())
         all_outputs = list(outputs.ids) * (len(all_rows) // max(1, len(outputs.ids)))
         starts = [self._shared_prefix(current, r, o) for r, o in zip(all_rows, all_outputs)]
         suffixes = [len(o) - st for o, st in zip(all_outputs, starts)]

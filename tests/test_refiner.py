@@ -434,8 +434,9 @@ def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
     suite, tokenizer, monkeypatch
 ) -> None:
     # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
-    # the output, its estimate must be the edit's exact change of J.
-    refiner = Refiner(suite.loaded, search=SearchConfig(lookahead_tokens=1000))
+    # the output, its estimate must be the edit's exact change of J (with every reading run).
+    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True)
+    refiner = Refiner(suite.loaded, search=search)
     method = refiner.methods["coordinate"]
     seen: list = []
     original = method.choose
@@ -520,3 +521,20 @@ def test_whitespace_pieces_added_to_a_vocabulary_are_text_not_control_tokens(tok
     vocab = Vocabulary(tok, torch.zeros(len(tok), 4))
     assert newlines not in vocab.special_ids and vocab.allowed[newlines]
     assert marker in vocab.special_ids and tok.eos_token_id in vocab.special_ids
+
+
+def test_top_edits_are_the_largest_entries_of_the_gain_matrix_best_first():
+    from refiners.methods.coordinate import top_edits
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows, vocab = (int(x) for x in torch.randint(1, 300, (2,), generator=generator))
+        gains = torch.randn(rows % 20 + 1, vocab, generator=generator)
+        gains[:, ::3] = float("-inf")  # forbidden tokens
+        k = int(torch.randint(1, 40, (), generator=generator))
+        values, flat = gains.flatten().topk(min(k, gains.numel()))
+        expected = [(v, *divmod(i, gains.shape[1])) for v, i in zip(values.tolist(), flat.tolist())]
+        got = top_edits(gains, k)
+        assert [g[0] for g in got] == [e[0] for e in expected]
+        finite = [e for e in expected if e[0] > float("-inf")]  # forbidden ones tie, in any order
+        assert got[: len(finite)] == finite

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 def later_gains(step: StepInput) -> torch.Tensor:
     """(m, V) first-order effect on later tokens of writing token v at position i:
     (E[v] - E[y_i]) . dJ/de_i."""
-    return step.grad @ step.vocab.embedding.T - (step.grad * step.embeds).sum(-1, keepdim=True)
+    current = (step.grad * step.embeds).sum(-1, keepdim=True)  # (m, 1)
+    return torch.addmm(-current, step.grad, step.vocab.embedding.T)  # one pass over the (m, V) result
 
 
 def later_gain_of(step: StepInput, token: int) -> torch.Tensor:
@@ -96,8 +97,14 @@ def word_start(step: StepInput, i: int, words: int) -> int:
 
 def top_edits(gains: torch.Tensor, k: int) -> list[tuple[float, int, int]]:
     """The k largest entries of ``gains`` (rows, V) as (value, row, token), best first."""
-    values, flat = gains.flatten().topk(min(k, gains.numel()))
-    return [(v, *divmod(i, gains.shape[1])) for v, i in zip(values.tolist(), flat.tolist())]
+    # Each row's top k first, then the top k of those: the same entries, ~10x faster than one topk
+    # over the flattened (m, V) matrix when V is 262k (Gemma).
+    per_row = min(k, gains.shape[1])
+    row_values, row_tokens = gains.topk(per_row, dim=-1)  # (rows, per_row)
+    values, flat = row_values.flatten().topk(min(k, row_values.numel()))
+    tokens = row_tokens.flatten()[flat]
+    rows = torch.div(flat, per_row, rounding_mode="floor")
+    return list(zip(values.tolist(), rows.tolist(), tokens.tolist(), strict=True))
 
 
 class CoordinateMethod(RefinementMethod):
