@@ -314,6 +314,89 @@ LATENCY_TABLE = [
 ]
 
 
+# -- generation variants -------------------------------------------------------------------------
+
+
+def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], length: int) -> list[dict]:
+    """Tokens per second of greedy decoding to exactly ``length`` tokens, one prompt at a time: our
+    ``BatchGenerator``, ``model.generate`` (dynamic cache), with a static cache, and with a static cache
+    and ``torch.compile`` (its first call, which compiles, is reported apart). Whether every variant
+    wrote the same tokens as ours is checked."""
+    model, device = loaded.model, loaded.device
+    generator = BatchGenerator(loaded)
+    pad = generator.pad_token_id
+
+    def ours(prompt: list[int]) -> list[int]:
+        return generator.generate([prompt], [exact_length(length)])[0].token_ids
+
+    def hf(prompt: list[int], **kwargs: Any) -> list[int]:
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=False,
+                pad_token_id=pad,
+                **kwargs,
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+    variants = [
+        ("BatchGenerator (ours)", ours),
+        ("model.generate", hf),
+        ("model.generate, static cache", lambda p: hf(p, cache_implementation="static")),
+        ("model.generate, static cache, torch.compile", lambda p: hf(p, cache_implementation="static")),
+    ]
+    rows, reference = [], [ours(p) for p in prompts]
+    eager_forward = model.forward
+    try:
+        for name, fn in variants:
+            if "compile" in name:
+                model.forward = torch.compile(eager_forward)
+            _sync(device)
+            started = time.perf_counter()
+            first = fn(prompts[0])  # compiles, for the compiled variant
+            _sync(device)
+            first_s = time.perf_counter() - started
+            started = time.perf_counter()
+            outputs = [fn(p) for p in prompts]
+            _sync(device)
+            seconds = time.perf_counter() - started
+            tokens = sum(len(o) for o in outputs)
+            rows.append(
+                {
+                    "variant": name,
+                    "prompts": len(prompts),
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / seconds,
+                    "ms_per_token": 1000 * seconds / tokens,
+                    "first_call_s": first_s,
+                    "same_tokens_as_ours": outputs == reference and first == reference[0],
+                }
+            )
+            log.info("%s: %.1f tokens/s (first call %.1f s)", name, rows[-1]["tokens_per_s"], first_s)
+    finally:
+        model.forward = eager_forward
+    ours_rate = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speed_vs_ours"] = row["tokens_per_s"] / ours_rate
+    return rows
+
+
+GENERATION_TABLE = [
+    Column("variant", "decoding"),
+    Column("prompts", "prompts"),
+    Column("tokens", "tokens"),
+    Column("tokens_per_s", "tok/s", ".1f"),
+    Column("ms_per_token", "ms/token", ".1f"),
+    Column("speed_vs_ours", "vs ours", ".2f"),
+    Column("first_call_s", "first call s", ".1f"),
+    Column("same_tokens_as_ours", "same tokens"),
+]
+
+
 # -- part (b): throughput through the HTTP server -----------------------------------------------
 
 
@@ -664,7 +747,9 @@ def _label_throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["latency", "server", "throughput", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["latency", "server", "generation", "throughput", "all"], default="all"
+    )
     parser.add_argument("--arch", choices=ARCHS, default="embedded")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -715,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"arch": args.arch, "device": args.device}
     if out.is_file():  # keep the other part's results when only one part is rerun
         previous = json.loads(out.read_text())
-        result.update({k: previous[k] for k in ("latency", "server", "throughput") if k in previous})
+        parts = ("latency", "server", "generation", "throughput")
+        result.update({k: previous[k] for k in parts if k in previous})
     items_needed = max(args.requests, 64)
     items = load_concept_sets(items_needed)
 
@@ -741,6 +827,16 @@ def main(argv: list[str] | None = None) -> int:
             rows,
             f"Generation vs refinement time per request ({args.arch}, {args.device})",
         )
+
+    if args.part in ("generation", "all"):
+        loaded = load_arch(args.arch, args.device)
+        length = max(args.lengths)
+        prompts = [prompt_ids(loaded.tokenizer, it) for it in items[: args.requests]]
+        rows = run_generation_variants(loaded, prompts, length)
+        result["generation"] = {"settings": {"length": length, "prompts": len(prompts)}, "rows": rows}
+        del loaded
+        print(f"\nGreedy decoding to {length} tokens, one prompt at a time ({args.arch}, {args.device})\n")
+        print(markdown_table(rows, GENERATION_TABLE))
 
     if args.part not in ("server", "throughput", "all"):
         write_json(out, result)

@@ -24,7 +24,13 @@ REFINEMENT_FIELDS = {
     "candidates_scored",
     "generate_seconds",
     "refine_seconds",
+    "prompt_seconds",
+    "gradient_seconds",
+    "propose_seconds",
+    "lookahead_seconds",
+    "scoring_seconds",
 }
+STEP_PARTS = ("prompt", "gradient", "propose", "lookahead", "scoring")
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +88,23 @@ def test_default_request_is_refined_and_reports_refinement(client: httpx.Client)
     assert refinement["objective_after"]["total"] >= refinement["objective_before"]["total"]
     # The step always runs; its lookahead may find no candidate worth a full score.
     assert 0 <= refinement["candidates_scored"] <= 4 and refinement["refine_seconds"] > 0
+    # Alone in its batch, the request's share of the step is all of it: the parts add up to it.
+    parts = sum(refinement[f"{part}_seconds"] for part in STEP_PARTS)
+    assert 0 < parts <= refinement["refine_seconds"] + 1e-3
     assert details["finish_reason"] in ("length", "eos_token", "stop_sequence")
     assert 1 <= details["generated_tokens"] <= NEW_TOKENS
     assert details["seed"] is None  # greedy
     assert "tokens" not in details  # only when asked for
+
+
+def test_min_new_tokens_gives_outputs_of_an_exact_length(client: httpx.Client):
+    for n in (3, NEW_TOKENS):
+        params = {"max_new_tokens": n, "min_new_tokens": n, "details": True, "refine": {"enabled": False}}
+        answer = client.post("/generate", json={"inputs": "Say hi.", "parameters": params})
+        assert answer.status_code == 200 and answer.json()["details"]["generated_tokens"] == n
+    params = {"max_new_tokens": 4, "min_new_tokens": 5}
+    refused = client.post("/generate", json={"inputs": "Say hi.", "parameters": params})
+    assert refused.status_code == 422 and "min_new_tokens" in refused.json()["error"]
 
 
 def test_initial_text_equals_plain_generation_with_the_same_seed(client: httpx.Client):
