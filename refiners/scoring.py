@@ -16,6 +16,7 @@ output is run twice in the same passes, once after its prompt and once after its
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,6 +249,8 @@ class ModelRunner:
         self.pass_overhead = pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
+        # Models that can run their head on chosen positions only (transformers' ``logits_to_keep``).
+        self._picks_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @contextmanager
     def _attention_maps(self, wanted: bool) -> Iterator[None]:
@@ -449,6 +452,9 @@ class ModelRunner:
         suffix_lengths = mask.sum(1) - starts
         steps = torch.arange(max(1, int(suffix_lengths.max()) if len(rows) else 1), device=self.device)
         new_ids = ids.gather(1, (starts[:, None] + steps).clamp(max=width - 1))
+        # The last position's logits would predict a token past the suffix: the head skips it where the
+        # model allows (a large share of a few-token lookahead window's work with a 262k vocabulary).
+        skip_last = {"logits_to_keep": steps[:-1]} if self._picks_logits else {}
         out = self.model(
             input_ids=new_ids,
             attention_mask=torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1),
@@ -456,12 +462,13 @@ class ModelRunner:
             past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
             use_cache=True,
             output_attentions=attention,
+            **skip_last,
         )
         # The first computed token's distribution comes from the pass before (the prompt's, or the
         # prefix's); only the chosen tokens' log-probabilities are taken: no (C, L, V) log-softmax copy.
         first = state.next_logprobs[row_t] if pre is None else prefix.logprobs[pre, starts]
-        logits = out.logits.float()
-        later = logits[:, :-1].gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
+        logits = out.logits.float() if skip_last else out.logits[:, :-1].float()
+        later = logits.gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
         token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
         per_position = _prompt_attention(out.attentions, state.mask.shape[1]) if attention else None
         if prefix is not None and pre is not None and int(starts.max()):
