@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: install run test test-upstream lint bench bench-quality bench-speed bench-soak image-test prometheus chromium clean
+.PHONY: install run test test-upstream lint bench bench-quality bench-speed bench-soak gpu-bundle image-test prometheus chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-speed: $(VENV)/.bench-installed
 # 30 minutes of mixed load on `refiner serve` (embedded model); not part of `bench`.
 bench-soak: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.soak --duration 1800 --concurrency 16
+
+# What benchmarks/gpu.sh needs on a GPU machine that can download nothing (.gpu: wheels, tokenizer, data).
+gpu-bundle: $(VENV)/.bench-installed
+	bash benchmarks/gpu.sh bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -139,17 +139,24 @@ def random_llama(arch: str, tokenizer: Any, device: str, dtype: torch.dtype = to
     return prepare_model(model, tokenizer, model_id=f"random-{arch}", device=device)
 
 
-def load_arch(arch: str, device: str) -> LoadedModel:
+def load_tokenizer(arch: str, tokenizer_dir: str | None = None) -> Any:
+    """The tokenizer alone: ``tokenizer_dir`` if given, else Gemma's for ``gemma3`` and the embedded
+    model's for the others (a machine without the embedded GGUF, a GPU one, passes a copy of it)."""
+    from transformers import AutoTokenizer
+
+    from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, model_path
+
+    return AutoTokenizer.from_pretrained(
+        tokenizer_dir or model_path(EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL)
+    )
+
+
+def load_arch(arch: str, device: str, tokenizer_dir: str | None = None) -> LoadedModel:
     from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, load_model
 
-    if arch == "gemma3":
-        return load_model(EMBEDDED_GEMMA, device=device)
-    embedded = load_model(EMBEDDED_MODEL, device=device)
-    if arch == "embedded":
-        return embedded
-    tokenizer = embedded.tokenizer
-    del embedded
-    return random_llama(arch, tokenizer, device)
+    if arch in ("embedded", "gemma3"):
+        return load_model(EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL, device=device)
+    return random_llama(arch, load_tokenizer(arch, tokenizer_dir), device)
 
 
 # -- part (a): latency breakdown -----------------------------------------------------------------
@@ -752,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arch", choices=ARCHS, default="embedded")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory for llama-1b/8b (default: the embedded one)"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="output tokens")
     parser.add_argument(
@@ -798,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or RESULTS_DIR / f"speed-{args.arch}-{args.device}.json"
     result: dict[str, Any] = {"arch": args.arch, "device": args.device}
+    if args.device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
     if out.is_file():  # keep the other part's results when only one part is rerun
         previous = json.loads(out.read_text())
         parts = ("latency", "server", "generation", "throughput")
@@ -806,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     items = load_concept_sets(items_needed)
 
     if args.part in ("latency", "all"):
-        loaded = load_arch(args.arch, args.device)
+        loaded = load_arch(args.arch, args.device, args.tokenizer)
         warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
         bench = LatencyBench(loaded, args.methods, items[: args.requests], compare_hf=not args.no_hf)
         rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
@@ -829,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.part in ("generation", "all"):
-        loaded = load_arch(args.arch, args.device)
+        loaded = load_arch(args.arch, args.device, args.tokenizer)
         length = max(args.lengths)
         prompts = [prompt_ids(loaded.tokenizer, it) for it in items[: args.requests]]
         rows = run_generation_variants(loaded, prompts, length)
@@ -842,9 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, result)
         print(f"\nwrote {out}")
         return 0
-    tokenizer = load_arch("gemma3" if args.arch == "gemma3" else "embedded", "cpu").tokenizer
+    tokenizer = load_tokenizer(args.arch, args.tokenizer)
     texts = [prompt_text(tokenizer, it) for it in items]
-    with served_model(args.arch, args.device) as model:
+    with served_model(args.arch, args.device, args.tokenizer) as model:
         if args.part in ("server", "all"):
             n = args.requests
             rows = run_server_latency(
@@ -863,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def served_model(arch: str, device: str) -> Iterator[str | None]:
+def served_model(arch: str, device: str, tokenizer_dir: str | None = None) -> Iterator[str | None]:
     """What ``refiner serve --model`` loads: None for the embedded model; a random-weight Llama is saved
     to a temporary directory once."""
     if arch in ("embedded", "gemma3"):
@@ -872,7 +884,7 @@ def served_model(arch: str, device: str) -> Iterator[str | None]:
         yield EMBEDDED_GEMMA if arch == "gemma3" else None
         return
     with tempfile.TemporaryDirectory(prefix=f"refiner-{arch}-") as tmpdir:
-        loaded = load_arch(arch, device)
+        loaded = load_arch(arch, device, tokenizer_dir)
         loaded.model.save_pretrained(tmpdir)
         loaded.tokenizer.save_pretrained(tmpdir)
         del loaded

@@ -132,6 +132,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def model_path(name_or_path: str = EMBEDDED_MODEL, cache_dir: str | Path | None = None) -> str:
+    """What ``from_pretrained`` reads for ``name_or_path``: an embedded model's converted copy (made
+    once, see ``load_model``), else ``name_or_path`` itself."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name_or_path == EMBEDDED_MODEL:
+        return str(_converted_embedded(cache))
+    if name_or_path == EMBEDDED_GEMMA:
+        from refiners.gemma import converted_gemma3
+
+        return str(converted_gemma3(cache))
+    return name_or_path
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     device: str = "auto",
@@ -152,14 +165,7 @@ def load_model(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path = name_or_path
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if name_or_path == EMBEDDED_MODEL:
-        path = str(_converted_embedded(cache))
-    elif name_or_path == EMBEDDED_GEMMA:
-        from refiners.gemma import converted_gemma3
-
-        path = str(converted_gemma3(cache))
+    path = model_path(name_or_path, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)

@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
-from refiners.models import LoadedModel, _converted_embedded, default_cache_dir, prepare_model  # noqa: E402
+from refiners.models import LoadedModel, model_path, prepare_model  # noqa: E402
 
 HIDDEN = 64
 LAYERS = 2
@@ -40,7 +40,7 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
 
     Converts the embedded GGUF into the cache the first time (~40 s), like ``load_model()`` does.
     """
-    tokenizer = AutoTokenizer.from_pretrained(_converted_embedded(default_cache_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The speed benchmark on one CUDA GPU with random-weight Llama 3 models (bf16), as measured on the
+# lent H100/H200 machine: nothing can be downloaded there, so the Python packages that differ from the
+# machine's (carried as wheels in .gpu/whl), the embedded tokenizer (.gpu/tokenizer) and the CommonGen
+# file (.gpu/data) travel with the working tree; `make gpu-bundle` fills .gpu. Results go to $OUT.
+# Each part has its own time limit, so one slow part still leaves the others their turn.
+#
+#   bash benchmarks/gpu.sh bundle    # here: fill .gpu (make gpu-bundle)
+#   bash benchmarks/gpu.sh           # there: install the wheels under /tmp/site, run the parts
+set -u
+if [ "${1:-}" = bundle ]; then
+    # The versions this project's venv holds, as Python 3.12 wheels (the GPU image's Python).
+    packages=$(.venv/bin/pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|hf.xet|fastapi|starlette|pydantic|pydantic.core|pydantic.settings|python.dotenv|annotated.types|annotated.doc|typing.inspection|typing.extensions|uvicorn|anyio|sniffio|h11|httpx|httpcore)==')
+    rm -rf .gpu && mkdir -p .gpu/whl .gpu/tokenizer .gpu/data
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .gpu/whl $packages || exit 1
+    tokenizer=$(.venv/bin/python -c "from refiners.models import model_path; print(model_path())")
+    cp "$tokenizer"/{tokenizer.json,tokenizer_config.json,special_tokens_map.json,chat_template.jinja} .gpu/tokenizer/
+    cp "$(.venv/bin/python -c "from benchmarks.commongen import default_data_path; print(default_data_path())")" .gpu/data/
+    du -sh .gpu
+    exit 0
+fi
+OUT=${OUT:-benchmarks/results}
+exec > >(tee "$OUT/gpu-run.log") 2>&1
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -f .gpu/data/dev.jsonl ] && export REFINER_COMMONGEN_PATH=$PWD/.gpu/data/dev.jsonl
+tok=(); [ -d .gpu/tokenizer ] && tok=(--tokenizer .gpu/tokenizer)
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+
+speed() { # arch, seconds, then speed.py arguments
+    local arch=$1 limit=$2; shift 2
+    timeout --signal=INT "$limit" python3 -m benchmarks.speed --arch "$arch" --device cuda "${tok[@]}" \
+        --out "$OUT/speed-$arch-cuda.json" "$@" || echo "!! $arch $* ended with $?"
+}
+speed llama-1b 150 --part latency --lengths 16 32 64 --requests 4
+speed llama-1b 250 --part throughput --batch-sizes 1 16 --max-new-tokens 32 --max-requests-per-level 32
+speed llama-8b 150 --part latency --lengths 16 32 64 --requests 4
