@@ -306,6 +306,8 @@ class Engine:
             started = time.perf_counter()
             with torch.inference_mode():
                 self.loaded.model(input_ids=ids)
+            if ids.is_cuda:  # the forward only queues its kernels: wait for them before reading the clock
+                torch.cuda.synchronize(ids.device)
             forward.append((time.perf_counter() - started) / ids.numel())
             started = time.perf_counter()
             tokenizer.encode(tokenizer.decode(text_ids, skip_special_tokens=True), add_special_tokens=False)

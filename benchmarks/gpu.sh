@@ -33,11 +33,15 @@ tok=(); [ -d .gpu/tokenizer ] && tok=(--tokenizer .gpu/tokenizer)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
+# The library on CUDA first (bf16, every method and term, tiny models): a failure here explains the rest.
+REFINER_TEST_TOKENIZER=${tok[1]:-} timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    || echo "!! tests/test_cuda.py ended with $?"
+
 speed() { # arch, seconds, then speed.py arguments
     local arch=$1 limit=$2; shift 2
     timeout --signal=INT "$limit" python3 -m benchmarks.speed --arch "$arch" --device cuda "${tok[@]}" \
         --out "$OUT/speed-$arch-cuda.json" "$@" || echo "!! $arch $* ended with $?"
 }
-speed llama-1b 150 --part latency --lengths 16 32 64 --requests 4
-speed llama-1b 250 --part throughput --batch-sizes 1 16 --max-new-tokens 32 --max-requests-per-level 32
-speed llama-8b 150 --part latency --lengths 16 32 64 --requests 4
+speed llama-1b 130 --part latency --lengths 16 32 64 --requests 4
+speed llama-1b 200 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
+speed llama-8b 130 --part latency --lengths 16 32 64 --requests 4 --methods coordinate --warmup 1

@@ -512,19 +512,20 @@ class Objective:
                 continue
             if term.needs_attention and not bool((weights > 0).any()):
                 continue
-            values = term.score(batch).to(total.dtype)
+            values = term.score(batch).to(total.device, total.dtype)  # a custom term may score on the CPU
             parts[term.name] = values
             total = total + weights * values
         return total, parts
 
     def estimate(self, step: StepInput, change: Change) -> torch.Tensor:
         """First-order change of J under ``change``: the weighted sum of the terms' estimates."""
-        gain = torch.tensor(0.0)
+        delta = next(iter(change.logprob_delta.values()), None)
+        # On the deltas' device: terms that all estimate a float would otherwise leave it on the CPU.
+        gain = torch.tensor(0.0, device=delta.device if delta is not None else None)
         for term, weight in self.weighted_terms(step.config):
             # One pass per term over an (m, V) estimate: gain + weight * estimate.
             gain = gain.add(torch.as_tensor(term.estimate(step, change), dtype=torch.float32), alpha=weight)
-        shape = next(iter(change.logprob_delta.values())).shape if change.logprob_delta else ()
-        return torch.as_tensor(gain, dtype=torch.float32).expand(shape)
+        return torch.as_tensor(gain, dtype=torch.float32).expand(delta.shape if delta is not None else ())
 
     def wanted(self, step: StepInput) -> dict[str, float]:
         """{phrase: weight} of the phrases weighted terms want written, in the terms' order."""

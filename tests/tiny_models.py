@@ -39,8 +39,9 @@ def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """The embedded model's tokenizer (EOS = <|im_end|>), loaded once per test session.
 
     Converts the embedded GGUF into the cache the first time (~40 s), like ``load_model()`` does.
+    ``$REFINER_TEST_TOKENIZER`` names a copy of it instead, for a machine without the GGUF (a GPU one).
     """
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(os.environ.get("REFINER_TEST_TOKENIZER") or model_path())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -168,7 +168,9 @@ class CoordinateMethod(RefinementMethod):
         """The best deletions: the token after a deleted one moves into its position."""
         m = len(step.body)
         at, body = torch.arange(m), torch.tensor(step.body, dtype=torch.long)
-        following = torch.tensor([*step.body[1:], *(step.tail[:1] or [-1])][:m], dtype=torch.long)
+        following = torch.tensor(
+            [*step.body[1:], *(step.tail[:1] or [-1])][:m], dtype=torch.long, device=step.grad.device
+        )
         moves = following >= 0  # the last token of an output without EOS has nothing after it
 
         def delta(d: torch.Tensor) -> torch.Tensor:
