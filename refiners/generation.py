@@ -175,6 +175,14 @@ class BatchGenerator:
         # otherwise build a [B, T, V] tensor of which one column is used.
         params = inspect.signature(self.model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers rebuilds a padded batch's attention mask at every decode step (a vmap over every
+        # key: ~12 ms a step on a 2-core CPU, a small model's whole forward). A decode step's mask is
+        # only the padding, and a 4D mask is taken as given. That holds while each layer sees every
+        # key: full attention, or a sliding window no shorter than the keys.
+        config = self.model.config
+        kinds = set(getattr(config, "layer_types", None) or ())
+        self._padding_mask_ok = kinds <= {"full_attention", "sliding_attention"}
+        self._window = getattr(config, "sliding_window", None) if kinds != {"full_attention"} else None
 
     @torch.inference_mode()
     def generate(
@@ -232,7 +240,7 @@ class BatchGenerator:
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)  # [b, T + t + 1]
             checkpoint()
-            logits = self._forward(tokens[:, None], mask, next_pos[:, None], cache)  # [b, V]
+            logits = self._forward(tokens[:, None], self._decode_mask(mask, active), next_pos[:, None], cache)
             next_pos = next_pos + 1
 
         return [self._output(row) for row in rows]
@@ -316,6 +324,16 @@ class BatchGenerator:
         )
         return out.logits[:, -1, :].float()
 
+    def _decode_mask(self, mask: torch.Tensor, active: list[_Row]) -> torch.Tensor:
+        """A decode step's mask: [b, 1, 1, keys] additive when rows are padded and every layer sees
+        every key (see ``__init__``), else the 2D mask [b, keys] for transformers to expand."""
+        keys = mask.shape[1]
+        if not any(row.pad for row in active) or not self._padding_mask_ok or keys > (self._window or keys):
+            return mask
+        dtype = self.model.dtype
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill_(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
     def _choose(
         self, logits: torch.Tensor, ids: torch.Tensor, rows: list[_Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,20 +349,25 @@ class BatchGenerator:
         if bool(bad.any()):
             which = [rows[j].index for j in bad.nonzero()[:, 0].tolist()]
             raise NumericalError(f"the model produced NaN or inf logits for rows {which}")
-        tokens, logprobs = [], []
+        # Plain greedy rows (no processor, no generator) are decided together: a batch's cost then does
+        # not grow by a few small ops and host syncs per row and step. Their logits are finite (above).
+        logp = logits.log_softmax(dim=-1)  # [b, V]
+        tokens = logp.argmax(dim=-1)  # [b]
+        logprobs = logp.gather(-1, tokens[:, None])[:, 0]  # [b]
         for j, row in enumerate(rows):
+            if row.generator is None and not row.processors:
+                continue
             # The penalty sees only this row's real tokens, not the padding, as it would alone.
             scores = row.processors(ids[j : j + 1, row.pad :], logits[j : j + 1])  # [1, V]
-            logp = scores.log_softmax(dim=-1)  # [1, V]; -inf where top-k/top-p removed a token
-            if torch.isnan(logp).any() or not torch.isfinite(logp).any():
+            row_logp = scores.log_softmax(dim=-1)  # [1, V]; -inf where top-k/top-p removed a token
+            if torch.isnan(row_logp).any() or not torch.isfinite(row_logp).any():
                 raise NumericalError("sampling parameters gave a distribution with NaN or no finite value")
             if row.generator is None:
-                tok = logp.argmax(dim=-1)  # [1]
+                tok = row_logp.argmax(dim=-1)  # [1]
             else:
-                tok = torch.multinomial(logp.exp(), 1, generator=row.generator)[:, 0]  # [1]
-            tokens.append(tok)
-            logprobs.append(logp[0, tok])
-        return torch.cat(tokens), torch.cat(logprobs)
+                tok = torch.multinomial(row_logp.exp(), 1, generator=row.generator)[:, 0]  # [1]
+            tokens[j], logprobs[j] = tok[0], row_logp[0, tok[0]]
+        return tokens, logprobs
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         if token in self.eos_token_ids:

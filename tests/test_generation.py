@@ -8,7 +8,7 @@ import torch
 from refiners.errors import InvalidRequestError
 from refiners.generation import BatchGenerator, IncrementalDetokenizer, SamplingParams
 from refiners.models import LoadedModel
-from tests.tiny_models import embedded_tokenizer, tiny_gpt2, tiny_llama
+from tests.tiny_models import embedded_tokenizer, tiny_gemma3, tiny_gpt2, tiny_llama
 
 PROMPTS = ["Hello there, how are you", "Hi", "A much longer prompt that goes on and on for quite a while"]
 
@@ -18,9 +18,17 @@ def tokenizer():
     return embedded_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+# gemma3-window4: a sliding window shorter than the texts, where a decode step's mask must come from
+# transformers (the padding alone is not enough).
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "gemma3-window4"])
 def loaded(request, tokenizer) -> LoadedModel:
-    return tiny_llama(tokenizer) if request.param == "llama" else tiny_gpt2(tokenizer)
+    builds = {
+        "llama": tiny_llama,
+        "gpt2": tiny_gpt2,
+        "gemma3": tiny_gemma3,
+        "gemma3-window4": lambda t: tiny_gemma3(t, sliding_window=4),
+    }
+    return builds[request.param](tokenizer)
 
 
 @pytest.fixture(scope="module")

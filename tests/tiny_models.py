@@ -97,7 +97,9 @@ def tiny_gpt2(
     return prepare_model(model, tokenizer, model_id="tiny-random-gpt2")
 
 
-def tiny_gemma3(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LoadedModel:
+def tiny_gemma3(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, sliding_window: int = MAX_POSITIONS
+) -> LoadedModel:
     """A 2-layer Gemma 3 (hidden 64, 4 heads, tied head) with random weights, frozen, on CPU. Its
     embedding module multiplies rows by sqrt(hidden), as Gemma 3 270M's does."""
     torch.manual_seed(seed)
@@ -110,7 +112,7 @@ def tiny_gemma3(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LoadedMode
         num_key_value_heads=1,
         head_dim=HIDDEN // HEADS,
         max_position_embeddings=MAX_POSITIONS,
-        sliding_window=MAX_POSITIONS,  # as in Gemma 3 270M (512), longer than the test texts
+        sliding_window=sliding_window,  # by default, as in Gemma 3 270M (512), longer than the test texts
         eos_token_id=eos_id(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=eos_id(tokenizer),
