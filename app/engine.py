@@ -1,7 +1,8 @@
 """The engine: owns the model, a bounded job queue, and the one thread that does all torch work.
 
 The event loop only enqueues jobs and awaits futures; it never runs the model. The worker takes the
-first waiting job, waits up to ``batch_window_s`` for more (up to ``max_batch_size``), then for the
+first waiting job, waits for more while they keep coming (a gap of ``batch_window_s``, up to
+``max_batch_size``), then for the
 whole batch makes one ``BatchGenerator.generate`` call (each job keeps its own sampling parameters
 and seed) and one ``Refiner.refine`` call for the jobs that ask for refinement. Each job's answer goes
 back to its own asyncio future through ``loop.call_soon_threadsafe``.
@@ -77,20 +78,25 @@ class RequestTimeoutError(TimeoutError):
     """The job did not finish within its ``timeout_s`` (queue time included); it was dropped."""
 
 
+# The longest a small job waits for company, in batch windows: arrivals keep a batch open this long.
+BATCH_WAIT_WINDOWS = 5
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """How the engine batches and queues jobs, and how long they may take.
 
     Args:
         max_batch_size: most jobs per batch.
-        batch_window_s: how long the worker waits for more jobs after the first one.
+        batch_window_s: how long the worker waits for another job before it starts a batch; each
+            arrival restarts the wait, up to ``BATCH_WAIT_WINDOWS`` windows after the first job.
         max_queue: most jobs waiting; ``submit`` beyond that raises ``QueueFullError``.
         request_timeout_s: default time limit of a job, queue time included.
         stall_timeout_s: ``stalled`` turns true when work waits and no progress was made for this long.
     """
 
     max_batch_size: int = 8
-    batch_window_s: float = 0.01
+    batch_window_s: float = 0.02
     max_queue: int = 64
     request_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0
@@ -569,21 +575,28 @@ class Engine:
                 release_free_memory()
 
     def _next_batch(self) -> list[_Pending] | None:
-        """Wait for a job; a large one runs alone, a small one waits up to ``batch_window_s`` for more
-        small ones (passing over large ones, which keep their place). None when stopping."""
+        """Wait for a job; a large one runs alone, a small one waits for more small ones (passing over
+        large ones, which keep their place) until none came for ``batch_window_s``. None when stopping.
+
+        Clients that send their next request when answered come back together, but their requests
+        reach the queue spread over more than one window: a window counted from the first job only
+        split 16 such clients into batches of 8-9 of 16."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
             batch = [self._queue.popleft()]
-            window_end = time.monotonic() + self.limits.batch_window_s
+            window = self.limits.batch_window_s
+            last_arrival = time.monotonic()
+            latest = last_arrival + BATCH_WAIT_WINDOWS * window
             while batch[0].small and len(batch) < self.limits.max_batch_size and not self._stopping:
                 more = self._take_small(self.limits.max_batch_size - len(batch), self._memory_left(batch))
                 if more:
                     batch += more
+                    last_arrival = time.monotonic()
                     continue
-                remaining = window_end - time.monotonic()
+                remaining = min(last_arrival + window, latest) - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)

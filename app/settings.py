@@ -59,7 +59,9 @@ class Settings(BaseSettings):
 
     # Engine
     max_batch_size: int = Field(8, ge=1)
-    batch_window_ms: float = Field(10.0, ge=0)
+    batch_window_ms: float = Field(
+        20.0, ge=0, description="wait for another request to batch; each arrival restarts it, up to 5 windows"
+    )
     max_queue: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     scoring_chunk_size: int = Field(64, ge=1)

@@ -6,11 +6,13 @@
 # Each part has its own time limit, so one slow part still leaves the others their turn.
 #
 #   bash benchmarks/gpu.sh bundle    # here: fill .gpu (make gpu-bundle)
-#   bash benchmarks/gpu.sh           # there: install the wheels under /tmp/site, run the parts
+#   bash benchmarks/gpu.sh [PART...] # there: install the wheels under /tmp/site, run the parts
+#                                    # (test llama-1b throughput throughput-16 llama-8b;
+#                                    # default: test llama-1b throughput llama-8b)
 set -u
 if [ "${1:-}" = bundle ]; then
     # The versions this project's venv holds, as Python 3.12 wheels (the GPU image's Python).
-    packages=$(.venv/bin/pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|hf.xet|fastapi|starlette|pydantic|pydantic.core|pydantic.settings|python.dotenv|annotated.types|annotated.doc|typing.inspection|typing.extensions|uvicorn|anyio|sniffio|h11|httpx|httpcore)==')
+    packages=$(.venv/bin/pip freeze | grep -iE '^(transformers|tokenizers|huggingface.hub|hf.xet|fastapi|starlette|pydantic|pydantic.core|pydantic.settings|python.dotenv|annotated.types|annotated.doc|typing.inspection|typing.extensions|opentelemetry.api|importlib.metadata|uvicorn|anyio|sniffio|h11|httpx|httpcore)==')
     rm -rf .gpu && mkdir -p .gpu/whl .gpu/tokenizer .gpu/data
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -33,15 +35,21 @@ tok=(); [ -d .gpu/tokenizer ] && tok=(--tokenizer .gpu/tokenizer)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
+parts=${*:-test llama-1b throughput llama-8b}
+want() { [[ " $parts " == *" $1 "* ]]; }
+
 # The library on CUDA first (bf16, every method and term, tiny models): a failure here explains the rest.
-REFINER_TEST_TOKENIZER=${tok[1]:-} timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    || echo "!! tests/test_cuda.py ended with $?"
+want test && { REFINER_TEST_TOKENIZER=${tok[1]:-} timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py || echo "!! tests/test_cuda.py ended with $?"; }
 
 speed() { # arch, seconds, then speed.py arguments
     local arch=$1 limit=$2; shift 2
     timeout --signal=INT "$limit" python3 -m benchmarks.speed --arch "$arch" --device cuda "${tok[@]}" \
         --out "$OUT/speed-$arch-cuda.json" "$@" || echo "!! $arch $* ended with $?"
 }
-speed llama-1b 130 --part latency --lengths 16 32 64 --requests 4
-speed llama-1b 200 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
-speed llama-8b 130 --part latency --lengths 16 32 64 --requests 4 --methods coordinate --warmup 1
+want llama-1b && speed llama-1b 130 --part latency --lengths 16 32 64 --requests 4
+want throughput && speed llama-1b 200 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
+# 16 clients with 64 requests each way (the full part sends 32 at that level, two rounds).
+want throughput-16 && speed llama-1b 140 --part throughput --batch-sizes 1 16 --concurrency 16 \
+    --requests-per-level 64
+want llama-8b && speed llama-8b 110 --part latency --lengths 16 32 64 --requests 4 --methods coordinate

@@ -60,6 +60,7 @@ from benchmarks.report import (
 from refiners import METHODS, RefineConfig, Refiner, RefineRequest
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.models import LoadedModel
+from refiners.padding import pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class LatencyBench:
         methods: refinement methods to time.
         items: concept sets whose prompts (and concepts, as keywords) are used, one request each.
         compare_hf: also time ``model.generate`` (greedy, the same length) on each prompt.
+        refiner_args: keyword arguments of ``Refiner`` (e.g. ``scoring_pass_bytes``).
     """
 
     def __init__(
@@ -210,12 +212,13 @@ class LatencyBench:
         methods: Sequence[str],
         items: Sequence[ConceptSet],
         compare_hf: bool = True,
+        refiner_args: dict[str, Any] | None = None,
     ):
         self.loaded = loaded
         self.methods = tuple(methods)
         self.items = list(items)
         self.generator = BatchGenerator(loaded)
-        self.refiner = Refiner(loaded)
+        self.refiner = Refiner(loaded, **(refiner_args or {}))
         self.compare_hf = compare_hf
 
     def _timed(self, fn: Any) -> tuple[float, Any]:
@@ -389,7 +392,55 @@ def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], l
     ours_rate = rows[0]["tokens_per_s"]
     for row in rows:
         row["speed_vs_ours"] = row["tokens_per_s"] / ours_rate
-    return rows
+    return rows + batched_generation(loaded, prompts, length)
+
+
+def batched_generation(loaded: LoadedModel, prompts: Sequence[list[int]], length: int) -> list[dict]:
+    """All ``prompts`` in one left-padded batch: our ``BatchGenerator`` against ``model.generate``, the
+    fastest of three runs each, and whether they wrote the same tokens."""
+    model, device = loaded.model, loaded.device
+    generator = BatchGenerator(loaded)
+
+    def ours() -> list[list[int]]:
+        return [o.token_ids for o in generator.generate(prompts, [exact_length(length)] * len(prompts))]
+
+    def hf() -> list[list[int]]:
+        ids, mask = pad_ids(prompts, generator.pad_token_id, left=True, device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=False,
+                pad_token_id=generator.pad_token_id,
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    runs: dict[str, list[float]] = {"ours": [], "hf": []}
+    outputs = {"ours": ours(), "hf": hf()}  # first calls, not timed
+    for _ in range(3):
+        for name, fn in (("ours", ours), ("hf", hf)):
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            runs[name].append(time.perf_counter() - started)
+    tokens = len(prompts) * length
+    best = {name: min(times) for name, times in runs.items()}
+    return [
+        {
+            "variant": f"{label}, {len(prompts)} prompts in one batch",
+            "prompts": len(prompts),
+            "tokens": tokens,
+            "tokens_per_s": tokens / best[name],
+            "ms_per_token": 1000 * best[name] / tokens,
+            "speed_vs_ours": best["ours"] / best[name],
+            "first_call_s": float("nan"),
+            "same_tokens_as_ours": outputs[name] == outputs["ours"],
+        }
+        for name, label in (("ours", "BatchGenerator (ours)"), ("hf", "model.generate"))
+    ]
 
 
 GENERATION_TABLE = [
@@ -769,6 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
     parser.add_argument(
+        "--refiner-args",
+        default="{}",
+        help='latency: Refiner arguments as JSON, e.g. {"scoring_pass_bytes": 1073741824}',
+    )
+    parser.add_argument(
         "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
@@ -820,7 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("latency", "all"):
         loaded = load_arch(args.arch, args.device, args.tokenizer)
         warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
-        bench = LatencyBench(loaded, args.methods, items[: args.requests], compare_hf=not args.no_hf)
+        bench = LatencyBench(
+            loaded, args.methods, items[: args.requests], not args.no_hf, json.loads(args.refiner_args)
+        )
         rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
         result["latency"] = {
             "settings": {
@@ -828,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": args.requests,
                 "warmup": warmup,
                 "methods": args.methods,
+                "refiner_args": json.loads(args.refiner_args),
             },
             "rows": rows,
         }
@@ -847,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_generation_variants(loaded, prompts, length)
         result["generation"] = {"settings": {"length": length, "prompts": len(prompts)}, "rows": rows}
         del loaded
-        print(f"\nGreedy decoding to {length} tokens, one prompt at a time ({args.arch}, {args.device})\n")
+        print(f"\nGreedy decoding to {length} tokens, one prompt at a time, then all in one batch", end=" ")
+        print(f"({args.arch}, {args.device})\n")
         print(markdown_table(rows, GENERATION_TABLE))
 
     if args.part not in ("server", "throughput", "all"):

@@ -114,6 +114,21 @@ def test_concurrent_jobs_each_get_their_own_answer(loaded, make_engine):
     assert metric("refiner_batch_size_count") > batches_before
 
 
+def test_jobs_that_keep_arriving_within_the_window_share_one_batch(loaded, make_engine):
+    # Five jobs 0.1 s apart span 0.4 s, more than the 0.3 s window: each arrival keeps the batch open.
+    engine = make_engine(max_batch_size=8, batch_window_s=0.3)
+    params = SamplingParams(max_new_tokens=2)
+
+    async def main() -> list[JobResult]:
+        async def submit_after(k: int) -> JobResult:
+            await asyncio.sleep(0.1 * k)
+            return await engine.submit(Job(encode(loaded, f"Prompt number {k}"), params, None))
+
+        return await asyncio.gather(*(submit_after(k) for k in range(5)))
+
+    assert [r.batch_size for r in asyncio.run(main())] == [5] * 5
+
+
 def test_refinement_is_batched_and_matches_refining_alone(loaded, refiner, make_engine):
     engine = make_engine(batch_window_s=0.2)
     prompts = [encode(loaded, "Tell me about cats"), encode(loaded, "Hi")]
