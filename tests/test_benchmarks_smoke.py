@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import quality, reference, speed
+from benchmarks import batching, quality, reference, speed
 from benchmarks.commongen import (
     SLICES,
     concept_coverage,
@@ -154,6 +154,27 @@ def test_throughput_client_counts_requests_and_errors(tiny, tmp_path):
     rows = speed._label_throughput(rows + [dict(rows[0], batching=False, max_batch_size=1)])
     assert "on (4)" in markdown_table(rows, speed.THROUGHPUT_TABLE)
     assert plot_throughput(tmp_path / "t.png", rows, "smoke").stat().st_size > 0
+
+
+def test_batching_benchmark_reads_batch_sizes_from_two_real_servers(tmp_path):
+    out = tmp_path / "batching.json"
+    assert (
+        batching.main(
+            ["--windows", "20", "--batch-size", "4", "--clients", "2", "--requests", "4", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["max_batch_size"], r["refine"]) for r in rows] == [
+        (1, False),
+        (1, True),
+        (4, False),
+        (4, True),
+    ]
+    for row in rows:
+        assert not row["errors"] and row["batches"] >= 1
+        assert 1 <= row["mean_batch_size"] <= row["max_batch_size"]
+    assert all(r["batches"] == 4 for r in rows if r["max_batch_size"] == 1)  # batching off: one job a batch
 
 
 def test_random_llama_configs_have_the_real_sizes():
