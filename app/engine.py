@@ -1,11 +1,11 @@
 """The engine: owns the model, a bounded job queue, and the one thread that does all torch work.
 
 The event loop only enqueues jobs and awaits futures; it never runs the model. The worker takes the
-first waiting job, waits for more while they keep coming (a gap of ``batch_window_s``, up to
-``max_batch_size``), then for the
-whole batch makes one ``BatchGenerator.generate`` call (each job keeps its own sampling parameters
-and seed) and one ``Refiner.refine`` call for the jobs that ask for refinement. Each job's answer goes
-back to its own asyncio future through ``loop.call_soon_threadsafe``.
+first waiting job, waits for more while they keep coming (each within ``batch_window_s`` of the last,
+up to ``max_batch_size``), then for the whole batch makes one ``BatchGenerator.generate`` call (each
+job keeps its own sampling parameters and seed) and one ``Refiner.refine`` call for the jobs that ask
+for refinement. Each job's answer goes back to its own asyncio future through
+``loop.call_soon_threadsafe``.
 
 If anything fails inside a batch (NaN, out of memory, a bug), each job of the batch is run again
 alone, so a bad request fails by itself and its neighbours still get their answers; the worker
