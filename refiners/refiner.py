@@ -295,8 +295,12 @@ class Refiner:
                     self._score_batch(state, current, tracks, steps, combos, lookahead.checkpoint)
                 ):
                     scored[j] += extra
+        floor = self.search.fluency_floor
         for t, candidates in zip(tracks, scored):
             t.steps += 1
+            if floor is not None and "fluency" in t.report:
+                lowest = t.report["fluency"] - floor
+                candidates = [c for c in candidates if c[2].get("fluency", lowest) >= lowest]
             best = max(candidates, key=lambda x: x[1], default=None)
             if best is None or best[1] <= t.total + self.search.min_gain:
                 t.done = True  # nothing better: a further step would see the same gradient

@@ -35,6 +35,9 @@ class SearchConfig:
         projected_share: hybrid: share of the budget for whole projected sequences of the continuous
             step (one at least); ``projected_singles_share``: for their positions as single edits.
         min_gain: a candidate must beat the current output by more than float noise between passes.
+        fluency_floor: when the fluency term is weighted, a kept change may lower it (the prompt-free
+            reading, normalised) by at most this: a veto on awkward edits, beside its price in J.
+            None: no floor.
     """
 
     lookahead_tokens: int = 1
@@ -49,6 +52,7 @@ class SearchConfig:
     projected_share: float = 0.125
     projected_singles_share: float = 0.25
     min_gain: float = 1e-4
+    fluency_floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.lookahead_tokens < 0 or self.deletions < 0 or self.combined_edits < 1:

@@ -538,3 +538,19 @@ def test_top_edits_are_the_largest_entries_of_the_gain_matrix_best_first():
         assert [g[0] for g in got] == [e[0] for e in expected]
         finite = [e for e in expected if e[0] > float("-inf")]  # forbidden ones tie, in any order
         assert got[: len(finite)] == finite
+
+
+def test_a_fluency_floor_keeps_only_changes_that_do_not_lower_the_fluency_term():
+    tok = embedded_tokenizer()
+    loaded = ARCHITECTURES["llama"](tok)
+    request = RefineRequest(
+        chat_prompt(tok, "Write about a dog and a ball."),
+        output_ids(tok, "The cat sat on the mat near the house."),
+        RefineConfig(keywords=("dog", "ball")),
+    )
+    [free] = Refiner(loaded).refine([request])
+    [floored] = Refiner(loaded, search=SearchConfig(fluency_floor=0.0)).refine([request])
+    # Without the floor, this random model's best change trades fluency for J; with it, another is kept.
+    assert free.objective_after["fluency"] < free.objective_before["fluency"]
+    assert floored.objective_after["fluency"] >= floored.objective_before["fluency"]
+    assert floored.objective_after["total"] >= floored.objective_before["total"]
