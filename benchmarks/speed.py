@@ -172,6 +172,25 @@ def exact_length(length: int) -> SamplingParams:
 STEP_PARTS = ("prompt", "gradient", "propose", "lookahead", "scoring")
 
 
+def hf_greedy(
+    loaded: LoadedModel, prompts: Sequence[list[int]], length: int, pad: int, **kwargs: Any
+) -> list[list[int]]:
+    """``model.generate`` on ``prompts`` in one left-padded batch (``pad``), greedy, exactly ``length``
+    new tokens (``kwargs`` go to ``generate``, e.g. ``cache_implementation``)."""
+    ids, mask = pad_ids(prompts, pad, left=True, device=loaded.device)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            do_sample=False,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    return out[:, ids.shape[1] :].tolist()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,7 +222,6 @@ class LatencyBench:
         methods: refinement methods to time.
         items: concept sets whose prompts (and concepts, as keywords) are used, one request each.
         compare_hf: also time ``model.generate`` (greedy, the same length) on each prompt.
-        refiner_args: keyword arguments of ``Refiner`` (e.g. ``scoring_pass_bytes``).
     """
 
     def __init__(
@@ -212,13 +230,12 @@ class LatencyBench:
         methods: Sequence[str],
         items: Sequence[ConceptSet],
         compare_hf: bool = True,
-        refiner_args: dict[str, Any] | None = None,
     ):
         self.loaded = loaded
         self.methods = tuple(methods)
         self.items = list(items)
         self.generator = BatchGenerator(loaded)
-        self.refiner = Refiner(loaded, **(refiner_args or {}))
+        self.refiner = Refiner(loaded)
         self.compare_hf = compare_hf
 
     def _timed(self, fn: Any) -> tuple[float, Any]:
@@ -229,25 +246,16 @@ class LatencyBench:
         _sync(device)
         return time.perf_counter() - started, value
 
-    def _hf_generate(self, prompt: list[int], length: int) -> None:
-        ids = torch.tensor([prompt], device=self.loaded.device)
-        with torch.inference_mode():
-            self.loaded.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=length,
-                min_new_tokens=length,
-                do_sample=False,
-                pad_token_id=self.generator.pad_token_id,
-            )
-
     def _one(self, item: ConceptSet, length: int) -> Timing:
         prompt = prompt_ids(self.loaded.tokenizer, item)
         # keep_prompt_cache as the server does: the step reuses the prompt's cache.
         gen_s, [out] = self._timed(
             lambda: self.generator.generate([prompt], [exact_length(length)], keep_prompt_cache=True)
         )
-        hf_s = self._timed(lambda: self._hf_generate(prompt, length))[0] if self.compare_hf else None
+        hf_s = None
+        if self.compare_hf:
+            pad = self.generator.pad_token_id
+            hf_s = self._timed(lambda: hf_greedy(self.loaded, [prompt], length, pad))[0]
         refine_s, parts = {}, {}
         for method in self.methods:
             config = RefineConfig(method=method, keywords=item.concepts)
@@ -334,24 +342,12 @@ def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], l
     wrote the same tokens as ours is checked."""
     model, device = loaded.model, loaded.device
     generator = BatchGenerator(loaded)
-    pad = generator.pad_token_id
 
     def ours(prompt: list[int]) -> list[int]:
         return generator.generate([prompt], [exact_length(length)])[0].token_ids
 
     def hf(prompt: list[int], **kwargs: Any) -> list[int]:
-        ids = torch.tensor([prompt], device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=length,
-                min_new_tokens=length,
-                do_sample=False,
-                pad_token_id=pad,
-                **kwargs,
-            )
-        return out[0, ids.shape[1] :].tolist()
+        return hf_greedy(loaded, [prompt], length, generator.pad_token_id, **kwargs)[0]
 
     variants = [
         ("BatchGenerator (ours)", ours),
@@ -398,24 +394,14 @@ def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], l
 def batched_generation(loaded: LoadedModel, prompts: Sequence[list[int]], length: int) -> list[dict]:
     """All ``prompts`` in one left-padded batch: our ``BatchGenerator`` against ``model.generate``, the
     fastest of three runs each, and whether they wrote the same tokens."""
-    model, device = loaded.model, loaded.device
+    device = loaded.device
     generator = BatchGenerator(loaded)
 
     def ours() -> list[list[int]]:
         return [o.token_ids for o in generator.generate(prompts, [exact_length(length)] * len(prompts))]
 
     def hf() -> list[list[int]]:
-        ids, mask = pad_ids(prompts, generator.pad_token_id, left=True, device=device)
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=length,
-                min_new_tokens=length,
-                do_sample=False,
-                pad_token_id=generator.pad_token_id,
-            )
-        return out[:, ids.shape[1] :].tolist()
+        return hf_greedy(loaded, prompts, length, generator.pad_token_id)
 
     runs: dict[str, list[float]] = {"ours": [], "hf": []}
     outputs = {"ours": ours(), "hf": hf()}  # first calls, not timed
@@ -820,11 +806,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
     parser.add_argument(
-        "--refiner-args",
-        default="{}",
-        help='latency: Refiner arguments as JSON, e.g. {"scoring_pass_bytes": 1073741824}',
-    )
-    parser.add_argument(
         "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
@@ -876,9 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("latency", "all"):
         loaded = load_arch(args.arch, args.device, args.tokenizer)
         warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
-        bench = LatencyBench(
-            loaded, args.methods, items[: args.requests], not args.no_hf, json.loads(args.refiner_args)
-        )
+        bench = LatencyBench(loaded, args.methods, items[: args.requests], compare_hf=not args.no_hf)
         rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
         result["latency"] = {
             "settings": {
@@ -886,7 +865,6 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": args.requests,
                 "warmup": warmup,
                 "methods": args.methods,
-                "refiner_args": json.loads(args.refiner_args),
             },
             "rows": rows,
         }

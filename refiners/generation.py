@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from transformers import (
 )
 
 from refiners.errors import InvalidRequestError, NumericalError
-from refiners.models import LoadedModel
+from refiners.models import LoadedModel, picks_logits
 from refiners.padding import pad_ids
 from refiners.scoring import Checkpoint, PromptState, no_checkpoint
 
@@ -173,8 +172,7 @@ class BatchGenerator:
         self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids, default=0)
         # Ask only for the last position's logits when the model supports it: the prefill would
         # otherwise build a [B, T, V] tensor of which one column is used.
-        params = inspect.signature(self.model.forward).parameters
-        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._last_logits_only = {"logits_to_keep": 1} if picks_logits(self.model) else {}
         # transformers rebuilds a padded batch's attention mask at every decode step (a vmap over every
         # key: ~12 ms a step for 16 rows on a 2-core CPU). A decode step's mask is only the padding,
         # and a 4D mask is taken as given. That holds while each layer sees every key: full attention,

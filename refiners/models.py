@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -130,6 +131,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def picks_logits(model: PreTrainedModel) -> bool:
+    """Whether the model can run its head on chosen positions only (transformers' ``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def model_path(name_or_path: str = EMBEDDED_MODEL, cache_dir: str | Path | None = None) -> str:

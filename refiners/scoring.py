@@ -16,7 +16,6 @@ output is run twice in the same passes, once after its prompt and once after its
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.cost import ModelShape
 from refiners.errors import NumericalError
+from refiners.models import picks_logits
 from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
 from refiners.padding import pad_ids
 
@@ -249,8 +249,7 @@ class ModelRunner:
         self.pass_overhead = pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
-        # Models that can run their head on chosen positions only (transformers' ``logits_to_keep``).
-        self._picks_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._picks_logits = picks_logits(model)
 
     @contextmanager
     def _attention_maps(self, wanted: bool) -> Iterator[None]:
