@@ -50,7 +50,7 @@ speed() { # arch, seconds, then speed.py arguments
 want llama-1b && speed llama-1b 130 --part latency --lengths 16 32 64 --requests 4
 want throughput && speed llama-1b 200 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
 # 16 clients with 64 requests each way (the full part sends 32 at that level, two rounds).
-want throughput-16 && speed llama-1b 140 --part throughput --batch-sizes 1 16 --concurrency 16 \
+want throughput-16 && speed llama-1b 200 --part throughput --batch-sizes 1 16 --concurrency 16 \
     --requests-per-level 64
 want llama-8b && speed llama-8b 110 --part latency --lengths 16 32 64 --requests 4 --methods coordinate
 exit 0  # each part reports its own failure above ("!! ...")

@@ -33,6 +33,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from refiners.attention_mask import AttentionMasks
 from refiners.errors import InvalidRequestError, NumericalError
 from refiners.models import LoadedModel, picks_logits
 from refiners.padding import pad_ids
@@ -173,14 +174,7 @@ class BatchGenerator:
         # Ask only for the last position's logits when the model supports it: the prefill would
         # otherwise build a [B, T, V] tensor of which one column is used.
         self._last_logits_only = {"logits_to_keep": 1} if picks_logits(self.model) else {}
-        # transformers rebuilds a padded batch's attention mask at every decode step (a vmap over every
-        # key: ~12 ms a step for 16 rows on a 2-core CPU). A decode step's mask is only the padding,
-        # and a 4D mask is taken as given. That holds while each layer sees every key: full attention,
-        # or a sliding window no shorter than the keys.
-        config = self.model.config
-        kinds = set(getattr(config, "layer_types", None) or ())
-        self._padding_mask_ok = kinds <= {"full_attention", "sliding_attention"}
-        self._window = getattr(config, "sliding_window", None) if kinds != {"full_attention"} else None
+        self.masks = AttentionMasks(self.model)
 
     @torch.inference_mode()
     def generate(
@@ -219,7 +213,8 @@ class BatchGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         next_pos = positions[:, -1] + 1  # [B] position of each row's next token
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)  # [B, V]
+        prefill_mask = self.masks(mask, ids.shape[1]) if any(row.pad for row in rows) else mask
+        logits = self._forward(ids, prefill_mask, positions, cache)  # [B, V]
         if keep_prompt_cache:
             self._keep_prompt_caches(rows, cache, mask, logits)
         active = rows  # rows still decoding; batch row j of every tensor is active[j]
@@ -238,7 +233,9 @@ class BatchGenerator:
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)  # [b, T + t + 1]
             checkpoint()
-            logits = self._forward(tokens[:, None], self._decode_mask(mask, active), next_pos[:, None], cache)
+            # Unpadded rows need no mask: transformers then builds none for one new token.
+            step_mask = self.masks(mask, 1) if any(row.pad for row in active) else mask
+            logits = self._forward(tokens[:, None], step_mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
 
         return [self._output(row) for row in rows]
@@ -321,16 +318,6 @@ class BatchGenerator:
             **self._last_logits_only,
         )
         return out.logits[:, -1, :].float()
-
-    def _decode_mask(self, mask: torch.Tensor, active: list[_Row]) -> torch.Tensor:
-        """A decode step's mask: [b, 1, 1, keys] additive when rows are padded and every layer sees
-        every key (see ``__init__``), else the 2D mask [b, keys] for transformers to expand."""
-        keys = mask.shape[1]
-        if not any(row.pad for row in active) or not self._padding_mask_ok or keys > (self._window or keys):
-            return mask
-        dtype = self.model.dtype
-        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        return additive.masked_fill_(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
     def _choose(
         self, logits: torch.Tensor, ids: torch.Tensor, rows: list[_Row]

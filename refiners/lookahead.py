@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from refiners.objective import PROMPTED
 from refiners.scoring import Outputs
 
@@ -71,16 +73,20 @@ class Lookahead:
         passes = self.runner.read_outputs(
             self.state, outputs, self.current, checkpoint=self.checkpoint, free_context=self.free_context
         )
-        readings = passes.readings()
+        # Each candidate's log-probability sum over its window, per reading, in one device->host copy:
+        # the loop below then runs on host floats (on a GPU, a few small kernels and a sync each).
+        starts = torch.tensor([p.edits[0].position for _, p in flat], device=passes.mask.device)
+        cols = torch.arange(passes.mask.shape[1], device=starts.device)
+        in_window = (cols >= starts[:, None]) & (passes.mask != 0)
+        sums = {r: (v * in_window).sum(1).tolist() for r, v in passes.readings().items()}
         for c, (j, p) in enumerate(flat):
             step, (edit,) = steps[j], p.edits
             start, grown = edit.position, len(edit.new_tokens) - len(edit.old_tokens)
-            old_end = start + len(edit.old_tokens) + self.tokens
+            old_end = min(start + len(edit.old_tokens) + self.tokens, step.length)
             # Without its own pass, a reading's change is taken to be the prompted reading's.
             delta = {
-                r: readings.get(r, readings[PROMPTED])[c, start : len(windows[c])].sum()
-                - step.token_logprobs[r][start:old_end].sum()
-                for r in step.distributions
+                r: torch.tensor(sums.get(r, sums[PROMPTED])[c] - (prefix[old_end] - prefix[start]))
+                for r, prefix in step.logprob_prefix_sums.items()
             }
             estimate = float(step.estimate(delta, grown, p.phrase, p.body))
             kept[j].append(replace(p, estimate=estimate))

@@ -157,7 +157,9 @@ class ObjectiveTerm:
         return True
 
 
-def gnmt_length_normaliser(lengths: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+def gnmt_length_normaliser(
+    lengths: torch.Tensor | float, alpha: torch.Tensor | float
+) -> torch.Tensor | float:
     """((5 + n) / 6) ** alpha, the length normalisation of GNMT beam search (Wu et al., 2016)."""
     return ((5.0 + lengths) / 6.0) ** alpha
 
@@ -177,12 +179,11 @@ class NormalisedLogProbTerm(ObjectiveTerm):
     def estimate(self, step: StepInput, change: Change) -> torch.Tensor | float:
         """The new sum over the new normaliser, minus the current value: exact when the delta is."""
         s, n, alpha = step.logprob_sum(self.reading), step.length, step.config.length_penalty
-        scale = 1.0 / float(
-            gnmt_length_normaliser(torch.tensor(float(max(n + change.length_delta, 1))), alpha)
-        )
-        current = s / gnmt_length_normaliser(torch.tensor(float(max(n, 1))), alpha)
+        # Plain floats: this runs for every shortlisted edit, and scalar tensors cost more than the math.
+        scale = 1.0 / gnmt_length_normaliser(float(max(n + change.length_delta, 1)), alpha)
+        current = s / gnmt_length_normaliser(float(max(n, 1)), alpha)
         # (s + delta) * scale - current, in one pass over an (m, V) delta.
-        return torch.add(s * scale - current, change.logprob_delta[self.reading], alpha=scale)
+        return torch.add(torch.tensor(s * scale - current), change.logprob_delta[self.reading], alpha=scale)
 
 
 class LogProbTerm(NormalisedLogProbTerm):
@@ -520,12 +521,22 @@ class Objective:
     def estimate(self, step: StepInput, change: Change) -> torch.Tensor:
         """First-order change of J under ``change``: the weighted sum of the terms' estimates."""
         delta = next(iter(change.logprob_delta.values()), None)
-        # On the deltas' device: terms that all estimate a float would otherwise leave it on the CPU.
-        gain = torch.tensor(0.0, device=delta.device if delta is not None else None)
+        gain: torch.Tensor | None = None
+        constant = 0.0  # the terms that estimate a float add up on the host
         for term, weight in self.weighted_terms(step.config):
-            # One pass per term over an (m, V) estimate: gain + weight * estimate.
-            gain = gain.add(torch.as_tensor(term.estimate(step, change), dtype=torch.float32), alpha=weight)
-        return torch.as_tensor(gain, dtype=torch.float32).expand(delta.shape if delta is not None else ())
+            value = term.estimate(step, change)
+            if not isinstance(value, torch.Tensor):
+                constant += weight * value
+            elif gain is None:  # at most one pass per term over an (m, V) estimate (never in place)
+                gain = value.float() if weight == 1 else value.float() * weight
+            else:
+                gain = gain.add(value.float(), alpha=weight)
+        if gain is None:
+            # On the deltas' device: a CPU scalar would meet CUDA tensors.
+            gain = torch.tensor(constant, device=delta.device if delta is not None else None)
+        elif constant:
+            gain = gain + constant
+        return gain.expand(delta.shape if delta is not None else gain.shape)
 
     def wanted(self, step: StepInput) -> dict[str, float]:
         """{phrase: weight} of the phrases weighted terms want written, in the terms' order."""

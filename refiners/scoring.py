@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from refiners.attention_mask import AttentionMasks
 from refiners.cost import ModelShape
 from refiners.errors import NumericalError
 from refiners.models import picks_logits
@@ -250,6 +251,7 @@ class ModelRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
         self._picks_logits = picks_logits(model)
+        self.masks = AttentionMasks(model)
 
     @contextmanager
     def _attention_maps(self, wanted: bool) -> Iterator[None]:
@@ -269,7 +271,9 @@ class ModelRunner:
     def encode_prompts(self, prompts: Sequence[Sequence[int]]) -> PromptState:
         ids, mask = pad_ids(prompts, self.pad_id, left=True, device=self.device)  # every prompt ends at P - 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        padded = len({len(p) for p in prompts}) > 1  # unpadded prompts need no mask (plain causal)
+        attention_mask = self.masks(mask, ids.shape[1]) if padded else mask
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return PromptState(kv, mask, mask.sum(-1), next_logprobs)
@@ -350,7 +354,7 @@ class ModelRunner:
         width, prompt_width = mask.shape[1], state.mask.shape[1]
         out = self.model(
             inputs_embeds=embeds,
-            attention_mask=torch.cat([state.mask[row_t], mask], dim=1),
+            attention_mask=self.masks(torch.cat([state.mask[row_t], mask], dim=1), width),
             position_ids=state.lengths[row_t, None] + torch.arange(width, device=self.device),
             past_key_values=DynamicCache.from_legacy_cache(tuple((k[row_t], v[row_t]) for k, v in state.kv)),
             use_cache=True,
@@ -456,7 +460,9 @@ class ModelRunner:
         skip_last = {"logits_to_keep": steps[:-1]} if self._picks_logits else {}
         out = self.model(
             input_ids=new_ids,
-            attention_mask=torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1),
+            attention_mask=self.masks(
+                torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1), len(steps)
+            ),
             position_ids=state.lengths[row_t, None] + starts[:, None] + steps,
             past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
             use_cache=True,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import batching, quality, reference, speed
+from benchmarks import batching, quality, reference, speed, step_batch
 from benchmarks.commongen import (
     SLICES,
     concept_coverage,
@@ -35,6 +35,9 @@ from benchmarks.report import (
     write_json,
 )
 from refiners import Refiner
+from refiners.config import RefineConfig
+from refiners.generation import BatchGenerator
+from refiners.refiner import RefineRequest
 from tests.conftest import start_server
 from tests.tiny_models import embedded_tokenizer, tiny_llama
 
@@ -132,6 +135,21 @@ def test_latency_bench_forces_the_output_length(tiny, tmp_path):
     assert all(r["tokens_mean"] == r["target_tokens"] and r["generate_s"] > 0 for r in rows)
     assert markdown_table(rows, speed.LATENCY_TABLE).count("\n") == 5
     assert plot_latency(tmp_path / "l.png", rows, "smoke").stat().st_size > 0
+
+
+def test_step_batch_times_each_batch_size_and_its_parts(tiny):
+    items = load_concept_sets(2)
+    prompts = [prompt_ids(tiny.tokenizer, it) for it in items]
+    outputs = BatchGenerator(tiny).generate(prompts, [speed.exact_length(6)] * 2)
+    requests = [
+        RefineRequest(p, o.token_ids, RefineConfig(keywords=tuple(it.concepts)))
+        for p, o, it in zip(prompts, outputs, items, strict=True)
+    ]
+    rows = [step_batch.measure(Refiner(tiny), requests[:n], repeats=2, device="cpu") for n in (1, 2)]
+    assert [r["requests"] for r in rows] == [1, 2]
+    assert all(r["refine_s"] == min(r["runs_s"]) > 0 and len(r["runs_s"]) == 2 for r in rows)
+    assert all(sum(r[part] for part in speed.STEP_PARTS) <= r["refine_s"] for r in rows)
+    assert markdown_table(rows, step_batch.TABLE).count("\n") == 3
 
 
 def test_throughput_client_counts_requests_and_errors(tiny, tmp_path):

@@ -9,6 +9,7 @@ call the step's ``Lookahead`` to make single edits' estimates exact over their o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -127,12 +128,14 @@ class StepInput:
         return {r: d[torch.arange(len(ids)), ids] for r, d in self.distributions.items()}
 
     @cached_property
-    def _logprob_sums(self) -> dict[str, float]:
-        return {r: float(lp.sum()) for r, lp in self.token_logprobs.items()}
+    def logprob_prefix_sums(self) -> dict[str, list[float]]:
+        """Per reading, the sums of the first k token log-probabilities, k = 0..n, on the host: read
+        for every estimate, one device->host copy per step."""
+        return {r: [0.0, *itertools.accumulate(lp.tolist())] for r, lp in self.token_logprobs.items()}
 
     def logprob_sum(self, reading: str) -> float:
         """S, the sum of the current output's token log-probabilities under ``reading``."""
-        return self._logprob_sums[reading]
+        return self.logprob_prefix_sums[reading][-1]
 
     @cached_property
     def wanted(self) -> dict[str, float]:
