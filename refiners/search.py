@@ -35,6 +35,8 @@ class SearchConfig:
         projected_share: hybrid: share of the budget for whole projected sequences of the continuous
             step (one at least); ``projected_singles_share``: for their positions as single edits.
         min_gain: a candidate must beat the current output by more than float noise between passes.
+        span_words: most whole words a keyword placement may replace (1: one word; 2: also a word and
+            the one after it, "a ball" -> "a frisbee" where the keyword would otherwise stand beside it).
         fluency_floor: when the fluency term is weighted, a kept change may lower it (the prompt-free
             reading, normalised) by at most this: a veto on awkward edits, beside its price in J.
             None: no floor.
@@ -52,11 +54,12 @@ class SearchConfig:
     projected_share: float = 0.125
     projected_singles_share: float = 0.25
     min_gain: float = 1e-4
+    span_words: int = 1
     fluency_floor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lookahead_tokens < 0 or self.deletions < 0 or self.combined_edits < 1:
-            raise ValueError("lookahead_tokens and deletions must be >= 0 and combined_edits >= 1")
+        if self.lookahead_tokens < 0 or self.deletions < 0 or self.combined_edits < 1 or self.span_words < 1:
+            raise ValueError("lookahead_tokens, deletions must be >= 0; combined_edits, span_words >= 1")
         shares = (
             self.keyword_share,
             self.insertion_share,

@@ -430,12 +430,13 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
 
 
+@pytest.mark.parametrize("span_words", [1, 2])
 def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
-    suite, tokenizer, monkeypatch
+    suite, tokenizer, monkeypatch, span_words
 ) -> None:
     # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
     # the output, its estimate must be the edit's exact change of J (with every reading run).
-    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True)
+    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words)
     refiner = Refiner(suite.loaded, search=search)
     method = refiner.methods["coordinate"]
     seen: list = []
@@ -454,6 +455,33 @@ def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
     exact = refiner.score(prompt_ids, [p.body + output[-1:] for p in seen], config)
     gains = [e["total"] - result.objective_before["total"] for e in exact]
     assert [p.estimate for p in seen] == pytest.approx(gains, abs=TOL)
+
+
+@pytest.mark.parametrize("span_words", [1, 2])
+def test_keyword_placements_replace_at_most_span_words_words(
+    suite, tokenizer, monkeypatch, span_words
+) -> None:
+    refiner = Refiner(suite.loaded, search=SearchConfig(span_words=span_words))
+    method = refiner.methods["coordinate"]
+    replaced: list[str] = []
+    original = method.phrase_edits
+
+    def every_placement(step, phrase, k):  # record every placement, return what the step would use
+        placements = original(step, phrase, 10**6)
+        replaced.extend(
+            tokenizer.decode(e.old_tokens) for p in placements for e in p.edits if e.op == "replace"
+        )
+        return placements[:k]
+
+    monkeypatch.setattr(method, "phrase_edits", every_placement)
+    prompt = chat_prompt(
+        tokenizer, "Write one short sentence that uses all of these words: dog, frisbee, park."
+    )
+    output = output_ids(tokenizer, "A dog plays in the park with a ball.")
+    refiner.refine([RefineRequest(prompt, output, RefineConfig(keywords=("dog", "frisbee", "park")))])
+    words = {len(r.split()) for r in replaced}
+    assert words == set(range(1, span_words + 1)), replaced
+    assert (" a ball" in replaced) == (span_words == 2)
 
 
 def test_refining_with_generations_prompt_cache_matches_running_the_prompt(suite, tokenizer) -> None:

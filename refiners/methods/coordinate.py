@@ -194,14 +194,23 @@ class CoordinateMethod(RefinementMethod):
 
     def phrase_edits(self, step: StepInput, phrase: str, k: int) -> list[Proposal]:
         """The k best placements of the phrase (any inflection) by first-order estimate: inserted at a
-        word boundary, or replacing a whole word. Estimates are computed for every placement at once
-        and only the k kept become proposals (each copies the body: m x placements would not fit)."""
+        word boundary, or replacing a whole word (or up to ``SearchConfig.span_words`` words). Estimates
+        are computed for every placement at once and only the k kept become proposals (each copies the
+        body: m x placements would not fit)."""
         m, vocab = len(step.body), step.vocab
         starts = [vocab.starts_word[t] for t in step.body] + [True]
         boundaries = [i for i in range(1, m + 1) if starts[i]]  # mid-sentence spellings start with a space
+        # Spans [i, j) of 1 .. span_words whole words, the first of one token (its first-order change is
+        # read at i; the lookahead then makes the window exact).
+        spans = [
+            (b, i, boundaries[b + w], w)
+            for w in range(1, self.search.span_words + 1)
+            for b, i in enumerate(boundaries[: len(boundaries) - w])
+            if starts[i + 1]
+        ]
         later = None
-        # (-estimate, (spelling, boundary, 0 insert / 1 replace), edit): sorted, the order the edits
-        # were made in breaks ties, as a stable sort of them by estimate would.
+        # (-estimate, (spelling, boundary, 0 insert / w replacing w words), edit): sorted, the order the
+        # edits were made in breaks ties, as a stable sort of them by estimate would.
         ranked: list[tuple[float, tuple[int, int, int], Edit]] = []
         for s, spelling in enumerate(vocab.keyword_spellings(phrase)):
             first, n_new = spelling[0], len(spelling)
@@ -210,22 +219,22 @@ class CoordinateMethod(RefinementMethod):
             ).tolist()
             for b, (i, gain) in enumerate(zip(boundaries, gains)):
                 ranked.append((-gain, (s, b, 0), Edit("insert", i, (), spelling)))
-            replaced = [
-                (b, i)
-                for b, i in enumerate(boundaries)
-                if i < m and starts[i + 1] and step.body[i] not in spelling
-            ]
-            if not replaced:
-                continue
-            if later is None:  # the later-token effect of the first replacing spelling's first token
+            replaced = [(b, i, j, w) for b, i, j, w in spans if step.body[i] not in spelling]
+            if replaced and later is None:  # the later effect of the first replacing spelling's first token
                 later = later_gain_of(step, first)
-            at = [i for _, i in replaced]
-            old = torch.tensor([step.body[i] for i in at])
-            own = step.estimate(
-                step.per_reading(lambda d, i=at, v=first, o=old: d[i, v] - d[i, o]), n_new - 1, phrase
-            )
-            for (b, i), gain in zip(replaced, (own + later[at]).tolist()):
-                ranked.append((-gain, (s, b, 1), Edit("replace", i, (step.body[i],), spelling)))
+            for removed in sorted({j - i for _, i, j, _ in replaced}):  # one estimate per length change
+                group = [(b, i, j, w) for b, i, j, w in replaced if j - i == removed]
+                at = [i for _, i, _, _ in group]
+                old = torch.tensor([step.body[i] for i in at])
+                delta = {}
+                for r, d in step.distributions.items():
+                    # The span's tokens after its first leave the text, and their log-probabilities S.
+                    prefix = step.logprob_prefix_sums[r]
+                    dropped = [prefix[j] - prefix[i + 1] for _, i, j, _ in group]
+                    delta[r] = d[at, first] - d[at, old] - torch.tensor(dropped, device=d.device)
+                own = step.estimate(delta, n_new - removed, phrase)
+                for (b, i, j, w), gain in zip(group, (own + later[at]).tolist()):
+                    ranked.append((-gain, (s, b, w), Edit("replace", i, tuple(step.body[i:j]), spelling)))
         ranked.sort(key=lambda r: (r[0], r[1]))
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
 
