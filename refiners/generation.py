@@ -213,8 +213,7 @@ class BatchGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         next_pos = positions[:, -1] + 1  # [B] position of each row's next token
         cache = DynamicCache(config=self.model.config)
-        prefill_mask = self.masks(mask, ids.shape[1]) if any(row.pad for row in rows) else mask
-        logits = self._forward(ids, prefill_mask, positions, cache)  # [B, V]
+        logits = self._forward(ids, mask, positions, cache, rows)  # [B, V]
         if keep_prompt_cache:
             self._keep_prompt_caches(rows, cache, mask, logits)
         active = rows  # rows still decoding; batch row j of every tensor is active[j]
@@ -233,9 +232,7 @@ class BatchGenerator:
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)  # [b, T + t + 1]
             checkpoint()
-            # Unpadded rows need no mask: transformers then builds none for one new token.
-            step_mask = self.masks(mask, 1) if any(row.pad for row in active) else mask
-            logits = self._forward(tokens[:, None], step_mask, next_pos[:, None], cache)
+            logits = self._forward(tokens[:, None], mask, next_pos[:, None], cache, active)
             next_pos = next_pos + 1
 
         return [self._output(row) for row in rows]
@@ -306,12 +303,20 @@ class BatchGenerator:
         )
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        rows: list[_Row],
     ) -> torch.Tensor:
-        """Run the model on new tokens ids [b, n] (mask [b, past + n]); return the last logits [b, V]."""
+        """Run the model on new tokens ids [b, n] (mask [b, past + n]) of ``rows``; return the last
+        logits [b, V]. A padded batch's mask is built once here (``AttentionMasks``); without padding
+        transformers builds none (plain causal attention)."""
+        padded = any(row.pad for row in rows)
         out = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=self.masks(mask, ids.shape[1]) if padded else mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
