@@ -104,8 +104,9 @@ class Service:
                 extra.append(
                     await torch_thread.run(load_reward_model, s.reward_model, str(loaded.device), dtype)
                 )
+            pass_bytes = None if s.scoring_pass_mb is None else s.scoring_pass_mb * MB
             refiner = await torch_thread.run(
-                partial(Refiner, scoring_pass_bytes=s.scoring_pass_mb * MB),
+                partial(Refiner, scoring_pass_bytes=pass_bytes),
                 loaded,
                 s.scoring_chunk_size,
                 extra,

@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
-    scoring_chunk_size: int = Field(64, ge=1)
+    scoring_chunk_size: int | None = Field(
+        None, ge=1, description="most outputs in one refinement pass; default 64 on a CPU, 1024 on a GPU"
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")
 
     # Cost bounds (app.admission): every request is estimated before it is queued
@@ -77,7 +79,9 @@ class Settings(BaseSettings):
     max_request_work_s: float | None = Field(
         None, gt=0, description="estimated work one request may take; default request_timeout_s"
     )
-    scoring_pass_mb: int = Field(256, ge=16, description="memory budget of one scoring pass")
+    scoring_pass_mb: int | None = Field(
+        None, ge=16, description="memory budget of one refinement pass; default 256 on a CPU, 1/16 of a GPU's"
+    )
     small_request_s: float = Field(
         4.0,
         ge=0,

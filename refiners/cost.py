@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel
 
 from refiners.config import RefineConfig
@@ -122,6 +123,34 @@ class Cost:
     refine_context_rows: int = 0
     context_tokens: int = 0
     text_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PassLimits:
+    """How ``ModelRunner`` plans its passes on a device when the caller sets nothing.
+
+    On a CPU a pass costs its rows, plus a fixed cost of about 32 token rows (reading every weight
+    once): large passes gain nothing, so 64 outputs and 256 MB bound them. On a GPU a pass costs its
+    kernel launches whatever its rows (a 1B model runs about a thousand token rows in one pass's
+    launch time), so passes are large and few: up to 1024 outputs, a sixteenth of the device's memory
+    (5 GB on an 80 GB card), and merging two passes pays up to 512 rows of padding.
+
+    Attributes:
+        outputs: most outputs in one pass.
+        bytes: memory budget of one pass.
+        overhead_rows: the fixed cost of one pass, in token rows (``plan_passes``).
+    """
+
+    outputs: int
+    bytes: int
+    overhead_rows: float
+
+    @staticmethod
+    def of(device: torch.device) -> PassLimits:
+        if device.type == "cuda":
+            memory = torch.cuda.get_device_properties(device).total_memory
+            return PassLimits(outputs=1024, bytes=memory // 16, overhead_rows=512.0)
+        return PassLimits(outputs=64, bytes=256 * 2**20, overhead_rows=32.0)
 
 
 class CostModel:

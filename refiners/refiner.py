@@ -5,8 +5,8 @@ Per step, for the whole batch:
    reused) gives each request a ``StepInput``: exact scores, distributions, dJ/d embeddings;
 2. each method proposes candidates for its requests (calling the step's ``Lookahead``, one short
    batched pass, to make its shortlisted edits' estimates exact over their own few tokens);
-3. every candidate of every request is scored exactly in one batched pass (chunked), the methods may
-   combine the improving ones (scored in one more small pass);
+3. every candidate of every request, the methods' stacks of single edits included, is scored exactly
+   in one batched pass (chunked);
 4. a request keeps the best candidate only if it raises J.
 Candidates are checked to round-trip through the tokenizer (decode then encode gives the same ids),
 so the reported score is the score of the returned text.
@@ -87,9 +87,11 @@ class Refiner:
 
     Args:
         loaded: the model and tokenizer (``refiners.models.load_model`` or ``prepare_model``).
-        scoring_chunk_size: most candidates per forward pass when scoring.
+        scoring_chunk_size: most outputs in one forward pass; default the device's: 64 on a CPU, 1024
+            on a GPU (``refiners.cost.PassLimits``).
         extra_terms: custom objective terms added to the built-in ones.
-        scoring_pass_bytes: memory budget of one scoring pass (passes are planned to fit it).
+        scoring_pass_bytes: memory budget of one forward pass (passes are planned to fit it); default
+            the device's: 256 MB on a CPU, a sixteenth of a GPU's memory.
         search: the step's tuning constants (``SearchConfig``); the defaults are the tuned ones.
 
     >>> refiner = Refiner(load_model())
@@ -100,9 +102,9 @@ class Refiner:
     def __init__(
         self,
         loaded: LoadedModel,
-        scoring_chunk_size: int = 64,
+        scoring_chunk_size: int | None = None,
         extra_terms: Sequence[ObjectiveTerm] = (),
-        scoring_pass_bytes: int = 256 * 2**20,
+        scoring_pass_bytes: int | None = None,
         search: SearchConfig | None = None,
     ) -> None:
         self.tokenizer = loaded.tokenizer
@@ -112,7 +114,7 @@ class Refiner:
         self.runner = ModelRunner(
             loaded.model, loaded.tokenizer, self.objective, scoring_chunk_size, pass_bytes=scoring_pass_bytes
         )
-        self.cost = CostModel(self.runner.shape, self.objective, scoring_pass_bytes, self.search)
+        self.cost = CostModel(self.runner.shape, self.objective, self.runner.pass_bytes, self.search)
         embeddings = loaded.model.get_input_embeddings()
         # Gemma multiplies the looked-up rows by sqrt(d) inside its embedding module: the methods work
         # in the table's own scale, so the pass's embeddings are divided by it and gradients multiplied.
@@ -275,7 +277,7 @@ class Refiner:
         step: int,
         clock: dict[str, float],
     ) -> None:
-        """Propose (each method for its requests), score, combine, score, keep the best if it pays."""
+        """Propose (each method for its requests), score, keep the best if it pays."""
         methods = [self.methods[t.config.method] for t in tracks]
         proposals: list[list[Proposal]] = [[] for _ in tracks]
         with _timed(clock, "propose"):
@@ -287,14 +289,6 @@ class Refiner:
         clock["lookahead"] += lookahead.seconds
         with _timed(clock, "scoring"):
             scored = self._score_batch(state, current, tracks, steps, proposals, lookahead.checkpoint)
-            combos = [
-                m.combine(s, [(p, total) for p, total, _ in sc]) for m, s, sc in zip(methods, steps, scored)
-            ]
-            if any(combos):
-                for j, extra in enumerate(
-                    self._score_batch(state, current, tracks, steps, combos, lookahead.checkpoint)
-                ):
-                    scored[j] += extra
         floor = self.search.fluency_floor
         for t, candidates in zip(tracks, scored):
             t.steps += 1

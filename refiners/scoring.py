@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.attention_mask import AttentionMasks
-from refiners.cost import ModelShape
+from refiners.cost import ModelShape, PassLimits
 from refiners.errors import NumericalError
 from refiners.models import picks_logits
 from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
@@ -223,11 +224,12 @@ class ModelRunner:
     """Runs the model for refinement. Parameters never receive gradients.
 
     Args:
-        chunk_size: most outputs in one scoring pass.
-        pass_overhead: the fixed cost of one pass (reading every weight once), in token rows: about
-            32 for a small model on a CPU. Passes are planned to minimise rows plus overheads.
-        pass_bytes: memory budget of one scoring pass; passes are planned so that their rows fit it
+        chunk_size: most outputs in one pass.
+        pass_overhead: the fixed cost of one pass, in token rows; passes are planned to minimise rows
+            plus overheads.
+        pass_bytes: memory budget of one pass; passes are planned so that their rows fit it
             (``ModelShape.pass_row_bytes``), one row at least.
+        Each defaults to the device's (``PassLimits``).
     """
 
     def __init__(
@@ -235,19 +237,21 @@ class ModelRunner:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         objective: Objective,
-        chunk_size: int = 64,
-        pass_overhead: float = 32.0,
-        pass_bytes: int = 256 * 2**20,
+        chunk_size: int | None = None,
+        pass_overhead: float | None = None,
+        pass_bytes: int | None = None,
     ) -> None:
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"scoring chunk_size must be >= 1, got {chunk_size}")
-        if pass_bytes < 1:
+        if pass_bytes is not None and pass_bytes < 1:
             raise ValueError(f"scoring pass_bytes must be >= 1, got {pass_bytes}")
-        self.model, self.tokenizer, self.objective, self.chunk_size = model, tokenizer, objective, chunk_size
+        self.model, self.tokenizer, self.objective = model, tokenizer, objective
         self.shape = ModelShape.of(model)
-        self.pass_bytes = pass_bytes
         self.device = next(model.parameters()).device
-        self.pass_overhead = pass_overhead
+        limits = PassLimits.of(self.device)
+        self.chunk_size = limits.outputs if chunk_size is None else chunk_size
+        self.pass_bytes = limits.bytes if pass_bytes is None else pass_bytes
+        self.pass_overhead = limits.overhead_rows if pass_overhead is None else pass_overhead
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
         self._picks_logits = picks_logits(model)
@@ -600,18 +604,20 @@ def plan_passes(
     """Split candidates sorted by decreasing suffix length into passes [first, last) of at most
     ``max_size`` (and at most ``rows_that_fit(longest suffix)``: the memory bound), minimising the
     computed token rows (size x longest suffix) plus ``overhead`` rows per pass (the fixed cost of a
-    forward: reading every weight once). Exact, by dynamic programming."""
+    forward: reading every weight once). Exact, by dynamic programming; each pass end weighs its
+    possible starts at once (a GPU's passes hold up to a thousand outputs)."""
     n = len(suffixes)
-    limit = [min(max_size, rows_that_fit(s)) if rows_that_fit else max_size for s in suffixes]
-    best = [0.0] + [float("inf")] * n
+    suffix = np.asarray(suffixes, dtype=np.float64)
+    limit = np.array([min(max_size, rows_that_fit(s)) if rows_that_fit else max_size for s in suffixes])
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
     cut = [0] * (n + 1)
     for last in range(1, n + 1):
-        for first in range(max(0, last - max_size), last):
-            if last - first > limit[first]:
-                continue
-            cost = best[first] + (last - first) * suffixes[first] + overhead
-            if cost < best[last]:
-                best[last], cut[last] = cost, first
+        first = np.arange(max(0, last - max_size), last)
+        cost = best[first] + (last - first) * suffix[first] + overhead
+        cost[last - first > limit[first]] = np.inf
+        at = int(np.argmin(cost))  # the earliest start among equal costs
+        best[last], cut[last] = cost[at], int(first[at])
     passes = []
     while n:
         passes.append((cut[n], n))

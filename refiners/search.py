@@ -31,7 +31,7 @@ class SearchConfig:
             (adding a missing keyword is what most often raises J).
         insertion_share: share of the general edits' lookahead that goes to insertions (2 at least).
         deletions: deletions kept by first-order estimate before the general edits are ranked.
-        combined_edits: most improving single edits stacked into one combined candidate.
+        combined_edits: most single edits estimated to raise J stacked into one candidate.
         projected_share: hybrid: share of the budget for whole projected sequences of the continuous
             step (one at least); ``projected_singles_share``: for their positions as single edits.
         min_gain: a candidate must beat the current output by more than float noise between passes.

@@ -348,3 +348,11 @@ def test_near_the_memory_ceiling_requests_get_503_and_the_replica_is_not_ready(s
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "busy"
         assert client.get("/health").status_code == 200  # alive: nothing to restart
+
+
+def test_passes_are_sized_for_the_device_unless_set(loaded):
+    cpu = Refiner(loaded).runner
+    assert (cpu.chunk_size, cpu.pass_bytes, cpu.pass_overhead) == (64, 256 * MB, 32.0)
+    assert Refiner(loaded).cost.pass_bytes == 256 * MB  # the admission estimates plan the same passes
+    set_ = Refiner(loaded, scoring_chunk_size=8, scoring_pass_bytes=64 * MB)
+    assert (set_.runner.chunk_size, set_.runner.pass_bytes, set_.cost.pass_bytes) == (8, 64 * MB, 64 * MB)

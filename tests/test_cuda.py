@@ -56,3 +56,9 @@ def test_every_method_and_term_refines_on_cuda(on_cuda, name):
         assert result.objective_after["total"] >= result.objective_before["total"] - 1e-3
     scores = refiner.score(prompts[0], [fixed, list(out.token_ids)], config)
     assert len(scores) == 2
+
+
+def test_passes_on_a_gpu_are_large_and_few(on_cuda):
+    runner = Refiner(on_cuda).runner
+    memory = torch.cuda.get_device_properties(runner.device).total_memory
+    assert (runner.chunk_size, runner.pass_bytes, runner.pass_overhead) == (1024, memory // 16, 512.0)

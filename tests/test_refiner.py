@@ -33,7 +33,7 @@ from refiners.keywords import keyword_present
 from refiners.methods.base import Vocabulary
 from refiners.models import LoadedModel
 from refiners.scoring import Outputs, plan_passes
-from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids
+from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids, tiny_llama
 
 TOL = 1e-4
 CANDIDATES = 8
@@ -582,3 +582,23 @@ def test_a_fluency_floor_keeps_only_changes_that_do_not_lower_the_fluency_term()
     assert free.objective_after["fluency"] < free.objective_before["fluency"]
     assert floored.objective_after["fluency"] >= floored.objective_before["fluency"]
     assert floored.objective_after["total"] >= floored.objective_before["total"]
+
+
+def test_stacked_edits_are_scored_in_the_same_pass_as_the_single_ones(tokenizer, monkeypatch) -> None:
+    loaded = tiny_llama(tokenizer)
+    refiner = Refiner(loaded)
+    monkeypatch.setattr(refiner.runner, "pass_overhead", 1e9)  # each read of outputs: one pass
+    prompt = chat_prompt(tokenizer, "Use these words: dog, frisbee, park, lake.")
+    output = output_ids(tokenizer, "A dog plays with a ball.")
+    config = RefineConfig(
+        candidates=12, keywords=("dog", "frisbee", "park", "lake"), weights={"keywords": 100.0}
+    )
+    refiner.refine([RefineRequest(prompt, output, config)])  # the first call also reads a document start
+    forward = loaded.model.forward
+    passes = []
+    monkeypatch.setattr(loaded.model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    [result] = refiner.refine([RefineRequest(prompt, output, config)])
+    # The prompt, the gradient pass, the lookahead and one scoring pass: no second pass for the stacks.
+    assert len(passes) == 4
+    assert len(result.edits) >= 2 and {e["step"] for e in result.edits} == {0}
+    assert result.objective_after["keywords"] >= result.objective_before["keywords"] + 2

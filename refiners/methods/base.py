@@ -1,8 +1,8 @@
 """What every refinement method sees (``StepInput``) and returns (``Proposal``), and the vocabulary.
 
-A method turns one gradient pass into candidate outputs (``propose``) and, once those are scored
-exactly, may offer combinations of the improving ones (``combine``). The ``Refiner`` scores every
-proposal of every request in one batched pass and keeps a candidate only when it raises the objective.
+A method turns one gradient pass into candidate outputs (``propose``), single edits and stacks of
+them. The ``Refiner`` scores every proposal of every request in one batched pass and keeps a candidate
+only when it raises the objective.
 Methods estimate edits through ``StepInput.estimate`` (the objective's terms own the estimates) and may
 call the step's ``Lookahead`` to make single edits' estimates exact over their own tokens.
 """
@@ -221,13 +221,10 @@ class RefinementMethod:
         self.search = search or SearchConfig()
 
     def propose(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
-        """For each request, at most ``config.candidates`` candidate outputs to score exactly.
+        """For each request, at most ``config.candidates`` candidate outputs to score exactly, and
+        stacks of its single edits (at most ``SearchConfig.combined_edits`` - 1 more).
 
         ``lookahead(steps, shortlists)`` makes single edits' estimates exact over their tokens and the
         few after them, for all the requests in one batched pass.
         """
         raise NotImplementedError
-
-    def combine(self, step: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
-        """Given exactly scored proposals (proposal, total), return combinations worth scoring too."""
-        return []

@@ -15,9 +15,10 @@ position i is scored by p(. | ., y_<i)).
 These estimates only choose what to look at. Every single edit worth scoring goes through the step's
 lookahead first: the placements of wanted phrases (missing keywords) the first-order estimate ranks
 best, and the general edits (replacements, insertions, deletions) it estimates to raise J. Then at most
-B edits whose lookahead estimate says they can pay go to exact scoring, which is the step's main cost.
-The improving candidates that do not overlap are then combined and scored too, and the refiner keeps
-the best one if it improves J.
+B edits whose lookahead estimate says they can pay go to exact scoring, which is the step's main cost,
+with stacks of the ones estimated to raise J that do not overlap (scored in the same pass: a second
+pass after the singles' exact scores cost more than it found). The refiner keeps the best candidate
+if it improves J.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class CoordinateMethod(RefinementMethod):
     name = "coordinate"
 
     def propose(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
+        chosen = self.singles(steps, lookahead)
+        return [singles + self.stacks(step, singles) for step, singles in zip(steps, chosen)]
+
+    def singles(self, steps: Sequence[StepInput], lookahead: Lookahead) -> list[list[Proposal]]:
+        """Each request's shortlist, looked ahead, then chosen (at most B edits)."""
         shortlists = [self.shortlist(step) for step in steps]
         looked = lookahead(steps, shortlists) if any(shortlists) else shortlists
         return [self.choose(step, shortlisted) for step, shortlisted in zip(steps, looked)]
@@ -238,14 +244,14 @@ class CoordinateMethod(RefinementMethod):
         ranked.sort(key=lambda r: (r[0], r[1]))
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
 
-    def combine(self, step: StepInput, scored: list[tuple[Proposal, float]]) -> list[Proposal]:
-        """Greedily stack the best improving single edits that do not overlap (one per phrase)."""
-        improving = sorted(
-            ((p, t) for p, t in scored if t > step.total and len(p.edits) == 1), key=lambda pt: -pt[1]
-        )
+    def stacks(self, step: StepInput, proposals: Sequence[Proposal]) -> list[Proposal]:
+        """The best 2, 3, ... single edits estimated to raise J that do not overlap (one per phrase),
+        stacked greedily by estimate."""
+        singles = (p for p in proposals if p.estimate > 0 and len(p.edits) == 1)
+        improving = sorted(singles, key=lambda p: -p.estimate)
         chosen: list[Proposal] = []
         phrases: set[str] = set()
-        for p, _ in improving:
+        for p in improving:
             if any(p.edits[0].overlaps(c.edits[0]) for c in chosen) or (p.phrase and p.phrase in phrases):
                 continue
             chosen.append(p)
