@@ -35,7 +35,7 @@ from transformers import (
 
 from refiners.attention_mask import AttentionMasks
 from refiners.errors import InvalidRequestError, NumericalError
-from refiners.models import LoadedModel, picks_logits
+from refiners.models import LoadedModel, picks_logits, shape_free_attention
 from refiners.padding import pad_ids
 from refiners.scoring import Checkpoint, PromptState, no_checkpoint
 
@@ -177,6 +177,7 @@ class BatchGenerator:
         self.masks = AttentionMasks(self.model)
 
     @torch.inference_mode()
+    @shape_free_attention()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],

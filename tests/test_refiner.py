@@ -602,3 +602,16 @@ def test_stacked_edits_are_scored_in_the_same_pass_as_the_single_ones(tokenizer,
     assert len(passes) == 4
     assert len(result.edits) >= 2 and {e["step"] for e in result.edits} == {0}
     assert result.objective_after["keywords"] >= result.objective_before["keywords"] + 2
+
+
+def test_generation_and_refinement_passes_run_without_cudnn_attention(tokenizer) -> None:
+    # cuDNN's attention builds a graph per input shape (see refiners.models.shape_free_attention).
+    loaded = tiny_llama(tokenizer)
+    seen = []
+    loaded.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    prompt = chat_prompt(tokenizer, "Use the word dog.")
+    [out] = BatchGenerator(loaded).generate([prompt], [SamplingParams(max_new_tokens=4)])
+    Refiner(loaded).refine([RefineRequest(prompt, list(out.token_ids), RefineConfig(keywords=("dog",)))])
+    assert len(seen) >= 6 and not any(seen)  # prefill, decode steps, prompt, gradient, lookahead, scoring
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the process's setting is restored
