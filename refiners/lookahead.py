@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from refiners.edits import Edit, apply_edits
-from refiners.methods.base import Proposal
 from refiners.objective import PROMPTED
 from refiners.scoring import Outputs
 
 if TYPE_CHECKING:
-    from refiners.methods.base import StepInput
+    from refiners.methods.base import Proposal, StepInput
     from refiners.scoring import Checkpoint, CurrentOutputs, ModelRunner, PromptState
 
 
@@ -45,11 +43,9 @@ class Lookahead:
         tokens: int,
         checkpoint: Checkpoint,
         free_context: bool = True,
-        repair: bool = False,
     ) -> None:
         self.runner, self.state, self.current = runner, state, current
         self.tokens, self.checkpoint, self.free_context = tokens, checkpoint, free_context
-        self.repair = repair and tokens > 0
         self.seconds = 0.0  # spent in calls, for the step's timing
 
     def __call__(
@@ -75,12 +71,7 @@ class Lookahead:
         windows = [self._window(steps[j], p) for j, p in flat]
         outputs = Outputs([steps[j].row for j, _ in flat], windows, [steps[j].config for j, _ in flat])
         passes = self.runner.read_outputs(
-            self.state,
-            outputs,
-            self.current,
-            checkpoint=self.checkpoint,
-            free_context=self.free_context,
-            greedy=self.repair,
+            self.state, outputs, self.current, checkpoint=self.checkpoint, free_context=self.free_context
         )
         # Each candidate's log-probability sum over its window, per reading, in one device->host copy:
         # the loop below then runs on host floats (on a GPU, a few small kernels and a sync each).
@@ -88,8 +79,6 @@ class Lookahead:
         cols = torch.arange(passes.mask.shape[1], device=starts.device)
         in_window = (cols >= starts[:, None]) & (passes.mask != 0)
         sums = {r: (v * in_window).sum(1).tolist() for r, v in passes.readings().items()}
-        prompted = passes.token_logprobs.tolist() if self.repair else []
-        greedy = passes.greedy.tolist() if passes.greedy is not None else []
         for c, (j, p) in enumerate(flat):
             step, (edit,) = steps[j], p.edits
             start, grown = edit.position, len(edit.new_tokens) - len(edit.old_tokens)
@@ -101,38 +90,7 @@ class Lookahead:
             }
             estimate = float(step.estimate(delta, grown, p.phrase, p.body))
             kept[j].append(replace(p, estimate=estimate))
-            after = start + len(edit.new_tokens)  # the token after the placement, in the new body
-            if greedy and p.phrase is not None and after < len(p.body):
-                token, logprob = greedy[c][after - 1]
-                repaired = self._repaired(
-                    step, p, int(token), logprob - prompted[c][after], delta, grown, estimate
-                )
-                if repaired is not None:
-                    kept[j].append(repaired)
         return kept
-
-    @staticmethod
-    def _repaired(
-        step: StepInput,
-        p: Proposal,
-        token: int,
-        gain: float,
-        delta: dict[str, torch.Tensor],
-        grown: int,
-        p_estimate: float,
-    ) -> Proposal | None:
-        """``p`` with the token after its placement replaced by the model's most likely one there, which
-        raises that token's log-probability by ``gain`` (the token after it is not looked at)."""
-        (edit,) = p.edits
-        after = edit.position + len(edit.old_tokens)  # the same token, in the current body
-        if token < 0 or token == step.body[after] or not step.vocab.allowed[token]:
-            return None
-        old, new = (*edit.old_tokens, step.body[after]), (*edit.new_tokens, token)
-        fixed = Edit("replace", edit.position, old, new)
-        body = apply_edits(step.body, [fixed])
-        estimate = float(step.estimate({r: d + gain for r, d in delta.items()}, grown, p.phrase, body))
-        # Ranked just after the placement it repairs: the estimate misses the token after the repair.
-        return Proposal([fixed], min(estimate, p_estimate), p.phrase, body)
 
     def _window(self, step: StepInput, proposal: Proposal) -> list[int]:
         (edit,) = proposal.edits

@@ -190,7 +190,6 @@ class Refiner:
                 self.search.lookahead_tokens,
                 checkpoint,
                 self.search.lookahead_free_context,
-                self.search.repair_next_token,
             )
             self._score_and_accept(
                 state, current, [tracks[i] for i in active], inputs, lookahead, step, clock

@@ -117,14 +117,11 @@ class OutputReadings:
         mask: (C, L) 1 for real output tokens.
         attention_sum: rows like ``token_logprobs``, (., P): for each prompt position, the attention
             summed over output positions (mean over heads and layers); None unless asked for.
-        greedy: (C, L, 2) under the prompted reading, at each computed position i but the last, the most
-            likely token at i + 1 and its log-probability (-1 and 0 elsewhere); None unless asked for.
     """
 
     token_logprobs: torch.Tensor
     mask: torch.Tensor
     attention_sum: torch.Tensor | None = None
-    greedy: torch.Tensor | None = None
 
     def readings(self) -> dict[str, torch.Tensor]:
         """{PROMPTED: (C, L)} and, when the pass ran the outputs on their own too, {FREE: (C, L)}."""
@@ -193,7 +190,6 @@ class _Forward:
 
     token_logprobs: torch.Tensor
     attention: torch.Tensor | None
-    greedy: torch.Tensor | None = None
 
 
 def document_start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -401,12 +397,10 @@ class ModelRunner:
         attention: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
         free_context: bool = True,
-        greedy: bool = False,
     ) -> OutputReadings:
         """Token log-probabilities of C outputs after prompt rows ``rows``, under every reading the
         configs' weighted terms need (``free_context`` False: the prompted one only), in passes of at
         most ``chunk_size`` outputs that fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
-        ``greedy``: also each computed position's most likely next token (``OutputReadings.greedy``).
 
         Each output reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
         shares with its row's current output, so only its suffix from the first difference is
@@ -420,7 +414,6 @@ class ModelRunner:
         ids, mask = pad_ids(all_outputs, self.pad_id, device=self.device)
         token_logprobs = torch.zeros(ids.shape, device=self.device)
         attention_sum = torch.zeros((len(all_outputs), state.mask.shape[1]), device=self.device)
-        best_next = torch.full((*ids.shape, 2), -1.0, device=self.device) if greedy else None
 
         def rows_that_fit(suffix: int) -> int:  # the shared prefix is at most the rest of the output
             row = self.shape.pass_row_bytes(state.mask.shape[1], ids.shape[1] - suffix, suffix, attention)
@@ -441,20 +434,11 @@ class ModelRunner:
                     current,
                     torch.tensor([starts[c] for c in chunk], device=self.device),
                     attention,
-                    greedy,
                 )
                 token_logprobs[at, :width] = result.token_logprobs.float()
                 if result.attention is not None:
                     attention_sum[at] = result.attention.float().sum(1)
-                if best_next is not None and result.greedy is not None:
-                    best_next[at, :width] = result.greedy
-        count = len(outputs.ids)
-        return OutputReadings(
-            token_logprobs,
-            mask[:count],
-            attention_sum if attention else None,
-            None if best_next is None else best_next[:count],
-        )
+        return OutputReadings(token_logprobs, mask[: len(outputs.ids)], attention_sum if attention else None)
 
     def _forward_suffixes(
         self,
@@ -465,7 +449,6 @@ class ModelRunner:
         prefix: CurrentOutputs | None,
         starts: torch.Tensor,
         attention: bool,
-        greedy: bool = False,
     ) -> _Forward:
         """Forward C outputs (ids: (C, L), right-padded) after prompt rows ``rows``, computing only
         output c's suffix from starts[c] on: its first starts[c] tokens are its row's current output's,
@@ -497,16 +480,8 @@ class ModelRunner:
         # prefix's); only the chosen tokens' log-probabilities are taken: no (C, L, V) log-softmax copy.
         first = state.next_logprobs[row_t] if pre is None else prefix.logprobs[pre, starts]
         logits = out.logits.float() if skip_last else out.logits[:, :-1].float()
-        normaliser = logits.logsumexp(-1)
-        later = logits.gather(-1, new_ids[:, 1:, None]).squeeze(-1) - normaliser
+        later = logits.gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
         token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
-        best = None
-        if greedy:  # each computed position's most likely next token (rows past their end: unread)
-            top, token = logits.max(-1)
-            at = (starts[:, None] + steps[:-1]).clamp(max=width - 1)[..., None].expand(-1, -1, 2)
-            best = torch.zeros((len(rows), width, 2), device=logits.device)
-            best[..., 0] = -1
-            best.scatter_(1, at, torch.stack([token.float(), top - normaliser], -1))
         per_position = _prompt_attention(out.attentions, state.mask.shape[1]) if attention else None
         if prefix is not None and pre is not None and int(starts.max()):
             token_logprobs = _splice(prefix.token_logprobs[pre], token_logprobs, starts, width)
@@ -515,7 +490,7 @@ class ModelRunner:
                 per_position = _splice(prefix.attention[pre], per_position, starts, width)
         if per_position is not None:
             per_position = per_position[:, :width] * mask[..., None]
-        return _Forward(token_logprobs[:, :width] * mask, per_position, best)
+        return _Forward(token_logprobs[:, :width] * mask, per_position)
 
     def _past(
         self,

@@ -37,9 +37,6 @@ class SearchConfig:
         min_gain: a candidate must beat the current output by more than float noise between passes.
         span_words: most whole words a keyword placement may replace (1: one word; 2: also a word and
             the one after it, "a ball" -> "a frisbee" where the keyword would otherwise stand beside it).
-        repair_next_token: also offer each keyword placement with the token after it replaced by the
-            model's most likely one there (read from the lookahead's own pass), so "a front microphone"
-            can become "a microphone stand" when that reads better.
         fluency_floor: when the fluency term is weighted, a kept change may lower it (the prompt-free
             reading, normalised) by at most this: a veto on awkward edits, beside its price in J.
             None: no floor.
@@ -59,7 +56,6 @@ class SearchConfig:
     min_gain: float = 1e-4
     span_words: int = 1
     fluency_floor: float | None = None
-    repair_next_token: bool = False
 
     def __post_init__(self) -> None:
         if self.lookahead_tokens < 0 or self.deletions < 0 or self.combined_edits < 1 or self.span_words < 1:

@@ -615,29 +615,3 @@ def test_generation_and_refinement_passes_run_without_cudnn_attention(tokenizer)
     Refiner(loaded).refine([RefineRequest(prompt, list(out.token_ids), RefineConfig(keywords=("dog",)))])
     assert len(seen) >= 6 and not any(seen)  # prefill, decode steps, prompt, gradient, lookahead, scoring
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the process's setting is restored
-
-
-def test_read_outputs_gives_each_computed_positions_most_likely_next_token(suite, tokenizer) -> None:
-    runner, model = suite.refiner.runner, suite.loaded.model
-    prompt = chat_prompt(tokenizer, "Name an animal.")
-    current_ids = output_ids(tokenizer, "A dog plays in the park.")
-    changed = current_ids[:2] + output_ids(tokenizer, " cat runs far away.")
-    config = RefineConfig()
-    state = runner.prompt_state([prompt], [None], free_context=True)
-    current = runner.gradient_pass(state, Outputs([0], [current_ids], [config], ["x"], ["y"])).current
-    readings = runner.read_outputs(
-        state, Outputs([0], [changed], [config]), current, free_context=False, greedy=True
-    )
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + changed])).logits[0, len(prompt) : len(prompt) + len(changed)]
-    logprobs = torch.log_softmax(logits.float(), -1)
-    start = 2  # the first token that differs: positions before it come from the current output's pass
-    for i in range(start, len(changed) - 1):
-        token, logprob = readings.greedy[0, i].tolist()
-        assert token == int(logprobs[i].argmax())
-        assert logprob == pytest.approx(float(logprobs[i].max()), abs=TOL)
-    assert readings.greedy[0, :start, 0].eq(-1).all()
-    assert (
-        runner.read_outputs(state, Outputs([0], [changed], [config]), current, free_context=False).greedy
-        is None
-    )
