@@ -169,6 +169,8 @@ class CostModel:
         self.search = search or SearchConfig()
         # The lookahead computes each edit's tokens and those after it, from its first new token on.
         self.lookahead_suffix = self.search.lookahead_tokens + 1
+        # Scored with the candidates: the stacks of 2 .. combined_edits single edits.
+        self.stacks = self.search.combined_edits - 1
 
     @staticmethod
     def of(
@@ -204,7 +206,7 @@ class CostModel:
         elif config is not None:
             memory = max(memory, WORKSPACE_BYTES + self._refine_memory(p, n, config, keyword_tokens))
             token_rows, context_rows = self._refine_rows(p, n, config, keyword_tokens)
-            text_tokens = config.steps * (self._shortlist(config) + config.candidates + 3) * n
+            text_tokens = config.steps * (self._shortlist(config) + config.candidates + self.stacks) * n
         return Cost(
             memory_bytes=int(memory),
             decode_steps=n if generate else 0,
@@ -222,16 +224,15 @@ class CostModel:
 
     def _refine_rows(self, p: int, n: int, config: RefineConfig, keyword_tokens: int) -> tuple[int, int]:
         """(token rows, context rows) of ``config.steps`` steps: the gradient pass (forward and
-        backward), the lookahead (4B edits' short windows), exact scoring (B candidates and up to 3
-        combinations, each recomputing from its first edit: n / 2 tokens on average), and the prompt
-        once."""
+        backward), the lookahead (4B edits' short windows), exact scoring (B candidates and their
+        stacks, each recomputing from its first edit: n / 2 tokens on average), and the prompt once."""
         b, c = config.candidates, self._copies(config)
         shortlist = self._shortlist(config)
         gradient = 3 * n
         lookahead = shortlist * (keyword_tokens + self.lookahead_suffix)
-        scoring = (b + 3) * math.ceil(n / 2)
+        scoring = (b + self.stacks) * math.ceil(n / 2)
         tokens = p + config.steps * c * (gradient + lookahead + scoring)
-        return tokens, config.steps * c * (1 + shortlist + b + 3)
+        return tokens, config.steps * c * (1 + shortlist + b + self.stacks)
 
     def _shortlist(self, config: RefineConfig) -> int:
         """Edits given a lookahead in one step (``SearchConfig.shortlist``)."""
@@ -265,7 +266,7 @@ class CostModel:
         prompt = c * p * s.kv_bytes_per_token
         b = config.candidates
         scoring = max(
-            self._scoring_memory(p, n, b + 3, config),  # the candidates, then up to 3 combinations
+            self._scoring_memory(p, n, b + self.stacks, config),  # the candidates and their stacks
             self._scoring_memory(
                 p, n, self._shortlist(config), config, keyword_tokens + self.lookahead_suffix
             ),
