@@ -91,7 +91,7 @@ def test_result_fields_are_sane(run: Run) -> None:
             math.isfinite(v) for v in (*result.objective_before.values(), *result.objective_after.values())
         )
         assert result.objective_before["logprob"] < 0
-        assert 0 < result.candidates_scored <= 2 * request.config.candidates  # proposals + combinations
+        assert 0 < result.candidates_scored <= 2 * request.config.candidates  # proposals + their stacks
         assert result.gradient_seconds > 0 and result.scoring_seconds > 0
         assert (result.edits == []) == (result.refined_ids == result.initial_ids)
         for edit in result.edits:
