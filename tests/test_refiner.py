@@ -430,13 +430,15 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
 
 
-@pytest.mark.parametrize("span_words", [1, 2])
+@pytest.mark.parametrize(("span_words", "connected"), [(1, 0), (2, 0), (1, 3)])
 def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
-    suite, tokenizer, monkeypatch, span_words
+    suite, tokenizer, monkeypatch, span_words, connected
 ) -> None:
     # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
     # the output, its estimate must be the edit's exact change of J (with every reading run).
-    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words)
+    search = SearchConfig(
+        lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words, connected=connected
+    )
     refiner = Refiner(suite.loaded, search=search)
     method = refiner.methods["coordinate"]
     seen: list = []
@@ -482,6 +484,37 @@ def test_keyword_placements_replace_at_most_span_words_words(
     words = {len(r.split()) for r in replaced}
     assert words == set(range(1, span_words + 1)), replaced
     assert (" a ball" in replaced) == (span_words == 2)
+
+
+def test_connected_placements_write_a_connecting_phrase_before_each_missing_keyword(
+    suite, tokenizer, monkeypatch
+) -> None:
+    refiner = Refiner(suite.loaded, search=SearchConfig(connected=3))
+    method = refiner.methods["coordinate"]
+    seen: list = []
+    original = method.shortlist
+
+    def shortlist(step):
+        edits = original(step)
+        seen.extend(edits)
+        return edits
+
+    monkeypatch.setattr(method, "shortlist", shortlist)
+    prompt = chat_prompt(
+        tokenizer, "Write one short sentence that uses all of these words: dog, frisbee, park."
+    )
+    output = output_ids(tokenizer, "A dog plays with a ball.")
+    refiner.refine([RefineRequest(prompt, output, RefineConfig(keywords=("dog", "frisbee", "park")))])
+    connectors = {tokenizer.decode(c) for c in refiner.vocab.connecting_phrases()}
+    connected = {}
+    for p in seen:
+        (edit,) = p.edits
+        new = tokenizer.decode(list(edit.new_tokens))
+        for c in connectors:
+            if edit.op == "insert" and new.startswith(c + " ") and new[len(c) :].strip().startswith(p.phrase):
+                connected.setdefault(p.phrase, []).append(new)
+    assert {k: len(v) for k, v in connected.items()} == {"frisbee": 3, "park": 3}, connected
+    assert refiner.cost.lookahead_suffix == Refiner(suite.loaded).cost.lookahead_suffix + 1
 
 
 def test_refining_with_generations_prompt_cache_matches_running_the_prompt(suite, tokenizer) -> None:
@@ -566,6 +599,27 @@ def test_top_edits_are_the_largest_entries_of_the_gain_matrix_best_first():
         assert [g[0] for g in got] == [e[0] for e in expected]
         finite = [e for e in expected if e[0] > float("-inf")]  # forbidden ones tie, in any order
         assert got[: len(finite)] == finite
+
+
+def test_of_spellings_sharing_a_first_token_at_one_place_only_the_shortest_is_kept_at_their_best_rank():
+    from refiners.edits import Edit
+    from refiners.methods.coordinate import shortest_spellings
+
+    bikini, bikinis, bikiniing, other = (5, 6), (5, 6, 7), (5, 6, 8, 9), (4,)
+    ranked = [  # (-estimate, (spelling, boundary, words replaced), edit), best first
+        (-3.0, (2, 1, 0), Edit("insert", 3, (), bikiniing)),
+        (-2.0, (0, 0, 0), Edit("insert", 1, (), other)),
+        (-1.0, (1, 1, 0), Edit("insert", 3, (), bikinis)),
+        (-0.5, (0, 1, 0), Edit("insert", 3, (), bikini)),
+        (0.5, (0, 1, 1), Edit("replace", 3, (10,), bikini)),
+        (1.0, (1, 1, 1), Edit("replace", 3, (10,), bikinis)),
+    ]
+    kept = shortest_spellings(ranked)
+    assert [(r[2].op, r[2].new_tokens) for r in kept] == [
+        ("insert", bikini),  # at the rank of "bikiniing", the best of its place
+        ("insert", other),
+        ("replace", bikini),
+    ]
 
 
 def test_a_fluency_floor_keeps_only_changes_that_do_not_lower_the_fluency_term():

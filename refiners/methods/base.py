@@ -28,6 +28,31 @@ if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
 
 
+# What may come between the text and a wanted phrase (``SearchConfig.connected``): a bare noun
+# inserted mid-sentence rarely reads well ("riding bike"); the model's distribution chooses among these.
+CONNECTING_PHRASES = tuple(
+    f" {w}"
+    for w in (
+        "a",
+        "the",
+        "with a",
+        "with the",
+        "and a",
+        "and the",
+        "in a",
+        "in the",
+        "on a",
+        "on the",
+        "of a",
+        "of the",
+        "at the",
+        "near the",
+        "by the",
+        "to the",
+    )
+)
+
+
 class Vocabulary:
     """Which tokens a refinement may write, and how words are split into tokens.
 
@@ -59,7 +84,17 @@ class Vocabulary:
             bool(p) and (p[0] in "Ġ▁ " or not p[0].isalnum())
             for p in (pieces + [""] * (vocab_size - len(pieces)))
         ]
+        # Whole alphabetic words written mid-sentence (" with", "▁the"): what may connect a phrase.
+        self.words = (
+            torch.tensor(
+                [len(p) > 1 and p[0] in "Ġ▁ " and p[1:].isalpha() for p in pieces]
+                + [False] * (vocab_size - len(pieces)),
+                device=embedding.device,
+            )
+            & allowed
+        )
         self._forms: dict[str, list[tuple[int, ...]]] = {}
+        self._connectors: list[tuple[int, ...]] | None = None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -70,6 +105,13 @@ class Vocabulary:
         if not body or any(t in self.special_ids for t in body):
             return False
         return self.tokenizer.encode(self.decode(body), add_special_tokens=False) == list(body)
+
+    def connecting_phrases(self) -> list[tuple[int, ...]]:
+        """Token ids of the ``CONNECTING_PHRASES`` (those the vocabulary can write)."""
+        if self._connectors is None:
+            encoded = [tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in CONNECTING_PHRASES]
+            self._connectors = [ids for ids in encoded if ids and all(self.allowed[i] for i in ids)]
+        return self._connectors
 
     def keyword_spellings(self, keyword: str) -> list[tuple[int, ...]]:
         """Token ids of ``" form"`` for each inflection of the keyword, as written mid-sentence."""

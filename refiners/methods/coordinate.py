@@ -37,6 +37,7 @@ from refiners.methods.base import (
     make_proposal,
     token_spans,
 )
+from refiners.objective import PROMPTED
 
 if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
@@ -96,6 +97,23 @@ def word_start(step: StepInput, i: int, words: int) -> int:
     return i
 
 
+def shortest_spellings(
+    ranked: list[tuple[float, tuple[int, int, int], Edit]],
+) -> list[tuple[float, tuple[int, int, int], Edit]]:
+    """Of the placements at one place whose spellings start with the same token, the one with the
+    fewest tokens, at the best rank among them. A first-order estimate sees only the first token and
+    counts the others as free while they lengthen the output, so "bikiniing" outranks "bikini"."""
+    shortest: dict[tuple[int, int, int], tuple[float, tuple[int, int, int], Edit]] = {}
+    rank: dict[tuple[int, int, int], int] = {}
+    for n, r in enumerate(ranked):
+        (_, (_, b, w), edit) = r
+        key = (b, w, edit.new_tokens[0])
+        rank.setdefault(key, n)
+        if key not in shortest or len(edit.new_tokens) < len(shortest[key][2].new_tokens):
+            shortest[key] = r
+    return [shortest[key] for key in sorted(rank, key=rank.__getitem__)]
+
+
 def top_edits(gains: torch.Tensor, k: int) -> list[tuple[float, int, int]]:
     """The k largest entries of ``gains`` (rows, V) as (value, row, token), best first."""
     # Each row's top k first, then the top k of those: the same entries, ~10x faster than one topk
@@ -128,7 +146,11 @@ class CoordinateMethod(RefinementMethod):
         general edits whose first-order estimate raises J most (``SearchConfig`` says how many)."""
         budget, wanted = step.config.candidates, list(step.wanted)
         share = self.search.keyword_shortlist(budget, len(wanted))
-        placements = [p for phrase in wanted for p in self.phrase_edits(step, phrase, share)]
+        placements = [
+            p
+            for phrase in wanted
+            for p in self.phrase_edits(step, phrase, share) + self.connected_edits(step, phrase)
+        ]
         return placements + self.general_edits(step, self.search.general_shortlist(budget))
 
     def choose(self, step: StepInput, shortlisted: Sequence[Proposal]) -> list[Proposal]:
@@ -242,7 +264,31 @@ class CoordinateMethod(RefinementMethod):
                 for (b, i, j, w), gain in zip(group, (own + later[at]).tolist()):
                     ranked.append((-gain, (s, b, w), Edit("replace", i, tuple(step.body[i:j]), spelling)))
         ranked.sort(key=lambda r: (r[0], r[1]))
+        if self.search.shortest_spelling:
+            ranked = shortest_spellings(ranked)
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
+
+    def connected_edits(self, step: StepInput, phrase: str) -> list[Proposal]:
+        """The ``SearchConfig.connected`` best placements of the phrase after a connecting phrase
+        (``CONNECTING_PHRASES``: "with a" frisbee, "in the" park), ranked by the model's
+        log-probability of the connecting phrase's first token plus the phrase's first token's at the
+        same word boundary (how well each fits there; the lookahead then makes the estimate exact
+        over the new words and the token after them)."""
+        k, m, vocab = self.search.connected, len(step.body), step.vocab
+        if k == 0:
+            return []
+        boundaries = [i for i in range(1, m + 1) if i == m or vocab.starts_word[step.body[i]]]
+        d = step.distributions[PROMPTED][boundaries]  # (boundaries, V)
+        connectors = vocab.connecting_phrases()
+        first = torch.tensor([c[0] for c in connectors], device=d.device)
+        ranked = []
+        for spelling in vocab.keyword_spellings(phrase):
+            fit = d[:, first] + d[:, spelling[0], None]  # (boundaries, connectors)
+            for value, b, c in top_edits(fit, k):
+                ranked.append((value, Edit("insert", boundaries[b], (), (*connectors[c], *spelling))))
+        ranked.sort(key=lambda r: -r[0])
+        # The lookahead replaces the estimate; until then the ranking value stands in for it.
+        return [make_proposal(step, [edit], value, phrase) for value, edit in ranked[:k]]
 
     def stacks(self, step: StepInput, proposals: Sequence[Proposal]) -> list[Proposal]:
         """The best 2, 3, ... single edits estimated to raise J that do not overlap (one per phrase),
