@@ -167,9 +167,8 @@ class CostModel:
     ) -> None:
         self.shape, self.objective, self.pass_bytes = shape, objective, pass_bytes
         self.search = search or SearchConfig()
-        # The lookahead computes each edit's tokens and those after it, from its first new token on
-        # (a connected placement writes one word more than its phrase).
-        self.lookahead_suffix = self.search.lookahead_tokens + 1 + (self.search.connected > 0)
+        # The lookahead computes each edit's tokens and those after it, from its first new token on.
+        self.lookahead_suffix = self.search.lookahead_tokens + 1
         # Scored with the candidates: the stacks of 2 .. combined_edits single edits.
         self.stacks = self.search.combined_edits - 1
 

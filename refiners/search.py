@@ -38,11 +38,6 @@ class SearchConfig:
         min_gain: a candidate must beat the current output by more than float noise between passes.
         span_words: most whole words a keyword placement may replace (1: one word; 2: also a word and
             the one after it, "a ball" -> "a frisbee" where the keyword would otherwise stand beside it).
-        connected: placements per wanted phrase, given a lookahead, that write a connecting word
-            before it, a word the model itself finds likely at that boundary (" with" frisbee, " the"
-            park). 0: only bare placements.
-        shortest_spelling: of the placements at one place whose spellings share their first token,
-            give only the shortest a lookahead (their first-order estimates cannot tell them apart).
         fluency_floor: when the fluency term is weighted, a kept change may lower it (the prompt-free
             reading, normalised) by at most this: a veto on awkward edits, beside its price in J.
             None: no floor.
@@ -61,13 +56,11 @@ class SearchConfig:
     projected_singles_share: float = 0.25
     min_gain: float = 1e-4
     span_words: int = 1
-    connected: int = 0
-    shortest_spelling: bool = False
     fluency_floor: float | None = None
 
     def __post_init__(self) -> None:
-        if min(self.lookahead_tokens, self.deletions, self.connected) < 0:
-            raise ValueError("lookahead_tokens, deletions and connected must be >= 0")
+        if min(self.lookahead_tokens, self.deletions) < 0:
+            raise ValueError("lookahead_tokens and deletions must be >= 0")
         if min(self.combined_edits, self.span_words) < 1:
             raise ValueError("combined_edits and span_words must be >= 1")
         shares = (
@@ -89,6 +82,5 @@ class SearchConfig:
 
     def shortlist(self, budget: int, keywords: int) -> int:
         """Most edits given a lookahead in one step: what the cost model budgets for."""
-        per_phrase = self.keyword_shortlist(budget, keywords) + self.connected
-        placements = per_phrase * keywords if keywords else 0
+        placements = self.keyword_shortlist(budget, keywords) * keywords if keywords else 0
         return max(placements, self.keyword_lookahead * budget) + self.general_shortlist(budget)

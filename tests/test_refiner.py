@@ -430,15 +430,13 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
 
 
-@pytest.mark.parametrize(("span_words", "connected"), [(1, 0), (2, 0), (1, 3)])
+@pytest.mark.parametrize("span_words", [1, 2])
 def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
-    suite, tokenizer, monkeypatch, span_words, connected
+    suite, tokenizer, monkeypatch, span_words
 ) -> None:
     # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
     # the output, its estimate must be the edit's exact change of J (with every reading run).
-    search = SearchConfig(
-        lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words, connected=connected
-    )
+    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words)
     refiner = Refiner(suite.loaded, search=search)
     method = refiner.methods["coordinate"]
     seen: list = []
@@ -484,37 +482,6 @@ def test_keyword_placements_replace_at_most_span_words_words(
     words = {len(r.split()) for r in replaced}
     assert words == set(range(1, span_words + 1)), replaced
     assert (" a ball" in replaced) == (span_words == 2)
-
-
-def test_connected_placements_write_a_connecting_phrase_before_each_missing_keyword(
-    suite, tokenizer, monkeypatch
-) -> None:
-    refiner = Refiner(suite.loaded, search=SearchConfig(connected=3))
-    method = refiner.methods["coordinate"]
-    seen: list = []
-    original = method.shortlist
-
-    def shortlist(step):
-        edits = original(step)
-        seen.extend(edits)
-        return edits
-
-    monkeypatch.setattr(method, "shortlist", shortlist)
-    prompt = chat_prompt(
-        tokenizer, "Write one short sentence that uses all of these words: dog, frisbee, park."
-    )
-    output = output_ids(tokenizer, "A dog plays with a ball.")
-    refiner.refine([RefineRequest(prompt, output, RefineConfig(keywords=("dog", "frisbee", "park")))])
-    connectors = {tokenizer.decode(c) for c in refiner.vocab.connecting_phrases()}
-    connected = {}
-    for p in seen:
-        (edit,) = p.edits
-        new = tokenizer.decode(list(edit.new_tokens))
-        for c in connectors:
-            if edit.op == "insert" and new.startswith(c + " ") and new[len(c) :].strip().startswith(p.phrase):
-                connected.setdefault(p.phrase, []).append(new)
-    assert {k: len(v) for k, v in connected.items()} == {"frisbee": 3, "park": 3}, connected
-    assert refiner.cost.lookahead_suffix == Refiner(suite.loaded).cost.lookahead_suffix + 1
 
 
 def test_refining_with_generations_prompt_cache_matches_running_the_prompt(suite, tokenizer) -> None:
@@ -625,15 +592,28 @@ def test_of_spellings_sharing_a_first_token_at_one_place_only_the_shortest_is_ke
 def test_a_fluency_floor_keeps_only_changes_that_do_not_lower_the_fluency_term():
     tok = embedded_tokenizer()
     loaded = ARCHITECTURES["llama"](tok)
-    request = RefineRequest(
-        chat_prompt(tok, "Write about a dog and a ball."),
-        output_ids(tok, "The cat sat on the mat near the house."),
-        RefineConfig(keywords=("dog", "ball")),
-    )
-    [free] = Refiner(loaded).refine([request])
-    [floored] = Refiner(loaded, search=SearchConfig(fluency_floor=0.0)).refine([request])
-    # Without the floor, this random model's best change trades fluency for J; with it, another is kept.
-    assert free.objective_after["fluency"] < free.objective_before["fluency"]
+    free_refiner = Refiner(loaded)
+    floored_refiner = Refiner(loaded, search=SearchConfig(fluency_floor=0.0))
+    # The first of these requests whose best change, without the floor, trades fluency for J on this
+    # random model: with the floor, another change (or none) is kept.
+    for keywords in [
+        ("dog", "ball"),
+        ("dog", "frisbee"),
+        ("ball", "park"),
+        ("dog", "lake"),
+        ("bird", "tree"),
+    ]:
+        request = RefineRequest(
+            chat_prompt(tok, f"Write about a {keywords[0]} and a {keywords[1]}."),
+            output_ids(tok, "The cat sat on the mat near the house."),
+            RefineConfig(keywords=keywords),
+        )
+        [free] = free_refiner.refine([request])
+        if free.objective_after["fluency"] < free.objective_before["fluency"]:
+            break
+    else:
+        pytest.fail("no request's best change lowers the fluency term on this model")
+    [floored] = floored_refiner.refine([request])
     assert floored.objective_after["fluency"] >= floored.objective_before["fluency"]
     assert floored.objective_after["total"] >= floored.objective_before["total"]
 

@@ -28,31 +28,6 @@ if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
 
 
-# What may come between the text and a wanted phrase (``SearchConfig.connected``): a bare noun
-# inserted mid-sentence rarely reads well ("riding bike"); the model's distribution chooses among these.
-CONNECTING_PHRASES = tuple(
-    f" {w}"
-    for w in (
-        "a",
-        "the",
-        "with a",
-        "with the",
-        "and a",
-        "and the",
-        "in a",
-        "in the",
-        "on a",
-        "on the",
-        "of a",
-        "of the",
-        "at the",
-        "near the",
-        "by the",
-        "to the",
-    )
-)
-
-
 class Vocabulary:
     """Which tokens a refinement may write, and how words are split into tokens.
 
@@ -94,7 +69,6 @@ class Vocabulary:
             & allowed
         )
         self._forms: dict[str, list[tuple[int, ...]]] = {}
-        self._connectors: list[tuple[int, ...]] | None = None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -105,13 +79,6 @@ class Vocabulary:
         if not body or any(t in self.special_ids for t in body):
             return False
         return self.tokenizer.encode(self.decode(body), add_special_tokens=False) == list(body)
-
-    def connecting_phrases(self) -> list[tuple[int, ...]]:
-        """Token ids of the ``CONNECTING_PHRASES`` (those the vocabulary can write)."""
-        if self._connectors is None:
-            encoded = [tuple(self.tokenizer.encode(c, add_special_tokens=False)) for c in CONNECTING_PHRASES]
-            self._connectors = [ids for ids in encoded if ids and all(self.allowed[i] for i in ids)]
-        return self._connectors
 
     def keyword_spellings(self, keyword: str) -> list[tuple[int, ...]]:
         """Token ids of ``" form"`` for each inflection of the keyword, as written mid-sentence."""

@@ -37,7 +37,6 @@ from refiners.methods.base import (
     make_proposal,
     token_spans,
 )
-from refiners.objective import PROMPTED
 
 if TYPE_CHECKING:
     from refiners.lookahead import Lookahead
@@ -146,11 +145,7 @@ class CoordinateMethod(RefinementMethod):
         general edits whose first-order estimate raises J most (``SearchConfig`` says how many)."""
         budget, wanted = step.config.candidates, list(step.wanted)
         share = self.search.keyword_shortlist(budget, len(wanted))
-        placements = [
-            p
-            for phrase in wanted
-            for p in self.phrase_edits(step, phrase, share) + self.connected_edits(step, phrase)
-        ]
+        placements = [p for phrase in wanted for p in self.phrase_edits(step, phrase, share)]
         return placements + self.general_edits(step, self.search.general_shortlist(budget))
 
     def choose(self, step: StepInput, shortlisted: Sequence[Proposal]) -> list[Proposal]:
@@ -222,9 +217,10 @@ class CoordinateMethod(RefinementMethod):
 
     def phrase_edits(self, step: StepInput, phrase: str, k: int) -> list[Proposal]:
         """The k best placements of the phrase (any inflection) by first-order estimate: inserted at a
-        word boundary, or replacing a whole word (or up to ``SearchConfig.span_words`` words). Estimates
-        are computed for every placement at once and only the k kept become proposals (each copies the
-        body: m x placements would not fit)."""
+        word boundary, or replacing a whole word (or up to ``SearchConfig.span_words`` words), one
+        spelling per first token at each place (``shortest_spellings``). Estimates are computed for
+        every placement at once and only the k kept become proposals (each copies the body: m x
+        placements would not fit)."""
         m, vocab = len(step.body), step.vocab
         starts = [vocab.starts_word[t] for t in step.body] + [True]
         boundaries = [i for i in range(1, m + 1) if starts[i]]  # mid-sentence spellings start with a space
@@ -264,31 +260,8 @@ class CoordinateMethod(RefinementMethod):
                 for (b, i, j, w), gain in zip(group, (own + later[at]).tolist()):
                     ranked.append((-gain, (s, b, w), Edit("replace", i, tuple(step.body[i:j]), spelling)))
         ranked.sort(key=lambda r: (r[0], r[1]))
-        if self.search.shortest_spelling:
-            ranked = shortest_spellings(ranked)
+        ranked = shortest_spellings(ranked)
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
-
-    def connected_edits(self, step: StepInput, phrase: str) -> list[Proposal]:
-        """The ``SearchConfig.connected`` best placements of the phrase after a connecting phrase
-        (``CONNECTING_PHRASES``: "with a" frisbee, "in the" park), ranked by the model's
-        log-probability of the connecting phrase's first token plus the phrase's first token's at the
-        same word boundary (how well each fits there; the lookahead then makes the estimate exact
-        over the new words and the token after them)."""
-        k, m, vocab = self.search.connected, len(step.body), step.vocab
-        if k == 0:
-            return []
-        boundaries = [i for i in range(1, m + 1) if i == m or vocab.starts_word[step.body[i]]]
-        d = step.distributions[PROMPTED][boundaries]  # (boundaries, V)
-        connectors = vocab.connecting_phrases()
-        first = torch.tensor([c[0] for c in connectors], device=d.device)
-        ranked = []
-        for spelling in vocab.keyword_spellings(phrase):
-            fit = d[:, first] + d[:, spelling[0], None]  # (boundaries, connectors)
-            for value, b, c in top_edits(fit, k):
-                ranked.append((value, Edit("insert", boundaries[b], (), (*connectors[c], *spelling))))
-        ranked.sort(key=lambda r: -r[0])
-        # The lookahead replaces the estimate; until then the ranking value stands in for it.
-        return [make_proposal(step, [edit], value, phrase) for value, edit in ranked[:k]]
 
     def stacks(self, step: StepInput, proposals: Sequence[Proposal]) -> list[Proposal]:
         """The best 2, 3, ... single edits estimated to raise J that do not overlap (one per phrase),
