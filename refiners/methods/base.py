@@ -59,15 +59,6 @@ class Vocabulary:
             bool(p) and (p[0] in "Ġ▁ " or not p[0].isalnum())
             for p in (pieces + [""] * (vocab_size - len(pieces)))
         ]
-        # Whole alphabetic words written mid-sentence (" with", "▁the"): what may connect a phrase.
-        self.words = (
-            torch.tensor(
-                [len(p) > 1 and p[0] in "Ġ▁ " and p[1:].isalpha() for p in pieces]
-                + [False] * (vocab_size - len(pieces)),
-                device=embedding.device,
-            )
-            & allowed
-        )
         self._forms: dict[str, list[tuple[int, ...]]] = {}
 
     def decode(self, ids: Sequence[int]) -> str:
