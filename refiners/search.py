@@ -57,7 +57,6 @@ class SearchConfig:
     min_gain: float = 1e-4
     span_words: int = 1
     fluency_floor: float | None = None
-    charge_unseen: bool = False
 
     def __post_init__(self) -> None:
         if min(self.lookahead_tokens, self.deletions) < 0:

@@ -236,15 +236,10 @@ class CoordinateMethod(RefinementMethod):
         # (-estimate, (spelling, boundary, 0 insert / w replacing w words), edit): sorted, the order the
         # edits were made in breaks ties, as a stable sort of them by estimate would.
         ranked: list[tuple[float, tuple[int, int, int], Edit]] = []
-        # The spelling's tokens after its first are not read here; charged (when the switch is on) the
-        # output's mean token log-probability each, instead of 0.
-        mean = {r: step.logprob_sum(r) / max(step.length, 1) for r in step.distributions}
-        charge = self.search.charge_unseen
         for s, spelling in enumerate(vocab.keyword_spellings(phrase)):
             first, n_new = spelling[0], len(spelling)
-            unseen = {r: (n_new - 1) * mean[r] if charge else 0.0 for r in mean}
             gains = step.estimate(
-                {r: d[boundaries, first] + unseen[r] for r, d in step.distributions.items()}, n_new, phrase
+                step.per_reading(lambda d, v=first: d[boundaries, v]), n_new, phrase
             ).tolist()
             for b, (i, gain) in enumerate(zip(boundaries, gains)):
                 ranked.append((-gain, (s, b, 0), Edit("insert", i, (), spelling)))
@@ -260,7 +255,7 @@ class CoordinateMethod(RefinementMethod):
                     # The span's tokens after its first leave the text, and their log-probabilities S.
                     prefix = step.logprob_prefix_sums[r]
                     dropped = [prefix[j] - prefix[i + 1] for _, i, j, _ in group]
-                    delta[r] = d[at, first] - d[at, old] - torch.tensor(dropped, device=d.device) + unseen[r]
+                    delta[r] = d[at, first] - d[at, old] - torch.tensor(dropped, device=d.device)
                 own = step.estimate(delta, n_new - removed, phrase)
                 for (b, i, j, w), gain in zip(group, (own + later[at]).tolist()):
                     ranked.append((-gain, (s, b, w), Edit("replace", i, tuple(step.body[i:j]), spelling)))
