@@ -96,13 +96,15 @@ def word_start(step: StepInput, i: int, words: int) -> int:
     return i
 
 
-def shortest_spellings(
-    ranked: list[tuple[float, tuple[int, int, int], Edit]],
-) -> list[tuple[float, tuple[int, int, int], Edit]]:
+# A keyword placement as phrase_edits ranks it: (-estimate, (spelling, boundary, words replaced), edit).
+Placement = tuple[float, tuple[int, int, int], Edit]
+
+
+def shortest_spellings(ranked: list[Placement]) -> list[Placement]:
     """Of the placements at one place whose spellings start with the same token, the one with the
     fewest tokens, at the best rank among them. A first-order estimate sees only the first token and
     counts the others as free while they lengthen the output, so "bikiniing" outranks "bikini"."""
-    shortest: dict[tuple[int, int, int], tuple[float, tuple[int, int, int], Edit]] = {}
+    shortest: dict[tuple[int, int, int], Placement] = {}
     rank: dict[tuple[int, int, int], int] = {}
     for n, r in enumerate(ranked):
         (_, (_, b, w), edit) = r
@@ -233,9 +235,9 @@ class CoordinateMethod(RefinementMethod):
             if starts[i + 1]
         ]
         later = None
-        # (-estimate, (spelling, boundary, 0 insert / w replacing w words), edit): sorted, the order the
-        # edits were made in breaks ties, as a stable sort of them by estimate would.
-        ranked: list[tuple[float, tuple[int, int, int], Edit]] = []
+        # Sorted by estimate; the order the edits were made in breaks ties, as a stable sort would
+        # (words replaced: 0 for an insertion).
+        ranked: list[Placement] = []
         for s, spelling in enumerate(vocab.keyword_spellings(phrase)):
             first, n_new = spelling[0], len(spelling)
             gains = step.estimate(
