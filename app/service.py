@@ -95,7 +95,8 @@ class Service:
         try:
             if self.loaded is None:
                 log.info("loading model %s on %s (%s)", s.model, s.device, s.dtype)
-                self.loaded = await torch_thread.run(load_model, s.model, s.device, s.dtype, s.cache_dir)
+                load = partial(load_model, pack_weights=s.pack_weights)
+                self.loaded = await torch_thread.run(load, s.model, s.device, s.dtype, s.cache_dir)
             loaded = self.loaded
             extra = []
             if s.reward_model:

@@ -19,6 +19,9 @@ free loopback port, once with ``REFINER_MAX_BATCH_SIZE=1`` (batching off) and on
 ``max_new_tokens`` 16), with and without refinement. Reported: requests/s, p50/p95 latency, errors and
 the server's peak RSS.
 
+Part ``packing`` (CPU): the same prompts generated and refined in turn by a model whose linear weights
+are packed once for oneDNN (``refiners.packed``, the default) and by one with plain ``nn.Linear``.
+
     python -m benchmarks.speed --part latency --lengths 16          # quick check
     python -m benchmarks.speed                                      # everything, CPU (make bench-speed)
     python -m benchmarks.speed --part latency --arch llama-1b --device cuda
@@ -212,6 +215,8 @@ class Timing:
     tokens: int
     refine_s: dict[str, float]
     parts: dict[str, dict[str, float]]
+    output_ids: list[int]
+    refined_ids: dict[str, list[int]]
 
 
 class LatencyBench:
@@ -256,13 +261,14 @@ class LatencyBench:
         if self.compare_hf:
             pad = self.generator.pad_token_id
             hf_s = self._timed(lambda: hf_greedy(self.loaded, [prompt], length, pad))[0]
-        refine_s, parts = {}, {}
+        refine_s, parts, refined = {}, {}, {}
         for method in self.methods:
             config = RefineConfig(method=method, keywords=item.concepts)
             request = RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)
             refine_s[method], [result] = self._timed(lambda r=request: self.refiner.refine([r]))
             parts[method] = {part: getattr(result, f"{part}_seconds") for part in STEP_PARTS}
-        return Timing(gen_s, hf_s, len(out.token_ids), refine_s, parts)
+            refined[method] = list(result.refined_ids)
+        return Timing(gen_s, hf_s, len(out.token_ids), refine_s, parts, list(out.token_ids), refined)
 
     def run(self, lengths: Sequence[int], warmup: int, arch: str) -> list[dict[str, Any]]:
         device = self.loaded.device
@@ -329,6 +335,84 @@ LATENCY_TABLE = [
     *(Column(f"{part}_s", part, ".3f") for part in STEP_PARTS),
     Column("ratio", "refine/gen", ".2f"),
     Column("peak_memory_mb", "peak MiB", ".0f"),
+]
+
+
+# -- packed weights against plain ones --------------------------------------------------------------
+
+
+def run_packing(
+    arch: str, items: Sequence[ConceptSet], lengths: Sequence[int], warmup: int = 1
+) -> list[dict]:
+    """Linear weights packed once for oneDNN (``refiners.packed``, the default on a CPU) against the
+    plain ``nn.Linear`` (MKL), side by side in one process: every prompt is generated and refined
+    (coordinate) by both models in turn, the first alternating, at each length."""
+    from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, load_model
+    from refiners.packed import PackedLinear
+
+    name = EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL
+    benches = {
+        packed: LatencyBench(
+            load_model(name, device="cpu", pack_weights=packed), ["coordinate"], items, False
+        )
+        for packed in (True, False)
+    }
+    packed_model = benches[True].loaded.model
+    linears = [m for m in packed_model.modules() if isinstance(m, PackedLinear)]
+    packed_mb = 2 * sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20
+    rows = []
+    for length in lengths:
+        for bench in benches.values():
+            for w in range(warmup):
+                bench._one(items[w % len(items)], length)
+        runs: dict[bool, list[Timing]] = {True: [], False: []}
+        for i, item in enumerate(items):
+            for packed in (True, False) if i % 2 == 0 else (False, True):
+                runs[packed].append(benches[packed]._one(item, length))
+        plain_gen = mean([r.generate_s for r in runs[False]])
+        plain_ref = mean([r.refine_s["coordinate"] for r in runs[False]])
+        for packed in (True, False):
+            mine = runs[packed]
+            gen, ref = mean([r.generate_s for r in mine]), mean([r.refine_s["coordinate"] for r in mine])
+            tokens = mean([r.tokens for r in mine])
+            same_out = [a.output_ids == b.output_ids for a, b in zip(mine, runs[False])]
+            same_refined = [a.refined_ids == b.refined_ids for a, b in zip(mine, runs[False])]
+            rows.append(
+                {
+                    "arch": arch,
+                    "weights": "packed (oneDNN)" if packed else "plain (MKL)",
+                    "target_tokens": length,
+                    "requests": len(mine),
+                    "tokens_per_s": tokens / gen,
+                    "generate_s": gen,
+                    "refine_s": ref,
+                    **{f"{part}_s": mean([r.parts["coordinate"][part] for r in mine]) for part in STEP_PARTS},
+                    "ratio": ref / gen,
+                    "generate_speedup": plain_gen / gen,
+                    "refine_speedup": plain_ref / ref,
+                    "same_outputs": sum(same_out) / len(same_out),
+                    "same_refined": sum(same_refined) / len(same_refined),
+                    "packed_copies_mb": packed_mb if packed else 0.0,
+                }
+            )
+            log.info("%d tokens %s: generate %.3f s, refine %.3f s", length, rows[-1]["weights"], gen, ref)
+    return rows
+
+
+PACKING_TABLE = [
+    Column("target_tokens", "tokens"),
+    Column("weights", "weights"),
+    Column("requests", "n"),
+    Column("tokens_per_s", "tok/s", ".1f"),
+    Column("generate_s", "generate s", ".3f"),
+    Column("refine_s", "refine s", ".3f"),
+    *(Column(f"{part}_s", part, ".3f") for part in STEP_PARTS[1:]),
+    Column("ratio", "refine/gen", ".2f"),
+    Column("generate_speedup", "generate x", ".2f"),
+    Column("refine_speedup", "refine x", ".2f"),
+    Column("same_outputs", "same outputs", ".0%"),
+    Column("same_refined", "same refined", ".0%"),
+    Column("packed_copies_mb", "packed MiB", ".0f"),
 ]
 
 
@@ -792,7 +876,10 @@ def _label_throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--part", choices=["latency", "server", "generation", "throughput", "all"], default="all"
+        "--part",
+        choices=["latency", "server", "generation", "throughput", "packing", "all"],
+        default="all",
+        help="packing: packed linear weights against plain ones (CPU; not part of all)",
     )
     parser.add_argument("--arch", choices=ARCHS, default="embedded")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -849,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     if out.is_file():  # keep the other part's results when only one part is rerun
         previous = json.loads(out.read_text())
-        parts = ("latency", "server", "generation", "throughput")
+        parts = ("latency", "server", "generation", "throughput", "packing")
         result.update({k: previous[k] for k in parts if k in previous})
     items_needed = max(args.requests, 64)
     items = load_concept_sets(items_needed)
@@ -876,6 +963,18 @@ def main(argv: list[str] | None = None) -> int:
             rows,
             f"Generation vs refinement time per request ({args.arch}, {args.device})",
         )
+
+    if args.part == "packing":
+        if args.device != "cpu" or args.arch not in ("embedded", "gemma3"):
+            print(
+                "--part packing compares CPU float32 models: embedded or gemma3, --device cpu",
+                file=sys.stderr,
+            )
+            return 2
+        rows = run_packing(args.arch, items[: args.requests], args.lengths)
+        result["packing"] = {"settings": {"lengths": args.lengths, "requests": args.requests}, "rows": rows}
+        print(f"\nPacked against plain linear weights, same prompts in turn ({args.arch}, cpu)\n")
+        print(markdown_table(rows, PACKING_TABLE))
 
     if args.part in ("generation", "all"):
         loaded = load_arch(args.arch, args.device, args.tokenizer)

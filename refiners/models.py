@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.errors import ModelLoadError
+from refiners.packed import pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def load_model(
     dtype: str = "auto",
     cache_dir: str | Path | None = None,
     attn_implementation: str = "sdpa",
+    pack_weights: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen, in eval mode.
 
@@ -182,6 +184,8 @@ def load_model(
         cache_dir: where the converted embedded model is kept (default ``$REFINER_CACHE_DIR`` or
             ``~/.cache/refiner``).
         attn_implementation: "sdpa" (default) or "eager".
+        pack_weights: on a CPU in float32, pack the linear layers' weights once for oneDNN
+            (``refiners.packed``): faster passes, for about twice the weights' memory more.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -191,7 +195,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {name_or_path!r}: {exc}") from exc
-    return prepare_model(model, tokenizer, model_id=name_or_path, device=dev)
+    return prepare_model(model, tokenizer, model_id=name_or_path, device=dev, pack_weights=pack_weights)
 
 
 def prepare_model(
@@ -199,10 +203,14 @@ def prepare_model(
     tokenizer: PreTrainedTokenizerBase,
     model_id: str,
     device: torch.device | str = "cpu",
+    pack_weights: bool = True,
 ) -> LoadedModel:
-    """Freeze ``model`` (no gradient on parameters, eval mode) and move it to ``device``."""
+    """Freeze ``model`` (no gradient on parameters, eval mode) and move it to ``device``; with
+    ``pack_weights``, a float32 model on a CPU gets its linear weights packed (``refiners.packed``)."""
     model = model.to(device).eval()
     model.requires_grad_(False)
+    if pack_weights:
+        pack_linear_layers(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, model_id, torch.device(device), next(model.parameters()).dtype)

@@ -56,6 +56,7 @@ def tiny_llama(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     max_positions: int = MAX_POSITIONS,
+    pack_weights: bool = True,
 ) -> LoadedModel:
     """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with random weights, frozen, on CPU."""
     torch.manual_seed(seed)
@@ -73,7 +74,7 @@ def tiny_llama(
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = eos_id(tokenizer)
-    return prepare_model(model, tokenizer, model_id="tiny-random-llama")
+    return prepare_model(model, tokenizer, model_id="tiny-random-llama", pack_weights=pack_weights)
 
 
 def tiny_gpt2(

@@ -1,0 +1,99 @@
+"""Linear layers whose weights are packed once for oneDNN: the CPU's float32 passes, 1.2-1.45x faster.
+
+PyTorch runs a float32 ``nn.Linear`` on the CPU as an MKL GEMM that lays the weight out again in its
+blocked format on every call. At one token row (decoding) MKL switches to a GEMV; at the few to few dozen
+rows of a lookahead, gradient or scoring pass that repacking costs about as much as the product itself.
+oneDNN takes a weight packed once, ahead of time (the kernels Inductor uses when it freezes a model).
+``README.md`` ("Speed") has the side-by-side figures; ``benchmarks.speed --part packing`` measures them.
+
+The parameters stay what they were (same tensors: tied weights stay tied, state dict keys unchanged);
+the packed copies are extra memory: two per weight, the weight and its transpose (the gradient pass
+back-propagates through the transpose to the input; parameters are frozen, so no weight gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+class _PackedProduct(torch.autograd.Function):
+    """x @ W.T + b with W packed, differentiable with respect to x only (through W.T packed)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, packed_t, bias):  # type: ignore[override]
+        ctx.packed_t = packed_t
+        return _product(x, packed, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _product(grad.contiguous(), ctx.packed_t, None), None, None, None
+
+
+def can_pack() -> bool:
+    """Whether this PyTorch build has oneDNN and its packed linear kernels."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` over the same parameters whose float32 CPU forward uses packed weights.
+
+    Anything else (another device or dtype, a parameter that takes gradients) runs ``F.linear``; a
+    weight changed in place or moved is packed again on the next call.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self._packed_for: tuple[int, int] | None = None
+
+    def _packs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed_for != key:
+            self._packed, self._packed_t = _pack(self.weight), _pack(self.weight.t())
+            self._packed_for = key
+        return self._packed, self._packed_t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (
+            x.device.type != "cpu"
+            or not x.dtype == w.dtype == torch.float32
+            or w.requires_grad
+            or (b is not None and b.requires_grad)
+        ):
+            return F.linear(x, w, b)
+        packed, packed_t = self._packs()
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedProduct.apply(x, packed, packed_t, b)
+        return _product(x, packed, b)
+
+
+def pack_linear_layers(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of a float32 CPU model by a ``PackedLinear`` over the same
+    parameters, packed now; returns how many were replaced (0 where oneDNN is missing)."""
+    if not can_pack():
+        return 0
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if (
+                type(child) is nn.Linear
+                and child.weight.device.type == "cpu"
+                and child.weight.dtype == torch.float32
+            ):
+                packed = PackedLinear(child)
+                packed._packs()
+                setattr(module, name, packed)
+                replaced += 1
+    return replaced

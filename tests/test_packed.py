@@ -1,0 +1,75 @@
+"""Packed linear layers (``refiners.packed``): the same products and input gradients as ``nn.Linear``,
+over the same parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from refiners.packed import PackedLinear, can_pack, pack_linear_layers
+from tests.tiny_models import embedded_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN")
+
+
+def frozen_linear(bias: bool) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(48, 80, bias=bias).requires_grad_(False)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_linear_gives_the_product_and_the_input_gradient_of_the_linear_it_replaces(
+    bias: bool,
+) -> None:
+    linear = frozen_linear(bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 12, 48)[:, ::2]  # not contiguous, as a slice of hidden states is
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    upstream = torch.randn(3, 6, 80)
+    (g_packed,) = torch.autograd.grad((packed(x1) * upstream).sum(), x1)
+    (g_plain,) = torch.autograd.grad((linear(x2) * upstream).sum(), x2)
+    torch.testing.assert_close(g_packed, g_plain, rtol=1e-5, atol=1e-5)
+    assert packed.weight is linear.weight and packed.bias is linear.bias
+
+
+def test_a_weight_changed_in_place_is_packed_again() -> None:
+    linear = frozen_linear(False)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 48)
+    packed(x)
+    with torch.no_grad():
+        linear.weight.mul_(2.0)
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_run_the_plain_product() -> None:
+    linear = frozen_linear(False).to(torch.bfloat16)
+    x = torch.randn(4, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(PackedLinear(linear)(x), F.linear(x, linear.weight))
+
+
+def test_a_packed_model_keeps_its_parameters_tied_weights_and_outputs() -> None:
+    tokenizer = embedded_tokenizer()
+    plain, packed = (tiny_llama(tokenizer, pack_weights=p).model for p in (False, True))
+    for model in (plain, packed):  # tied after packing: the head packs the new weight on its next call
+        model.lm_head.weight = model.model.embed_tokens.weight
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert all(type(m) is PackedLinear for m in packed.modules() if isinstance(m, nn.Linear))
+    assert pack_linear_layers(nn.Sequential()) == 0
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    assert plain.state_dict().keys() == packed.state_dict().keys()
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    embeds = plain.get_input_embeddings()(ids)
+    grads = []
+    for model in (packed, plain):
+        e = embeds.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(inputs_embeds=e).logits.log_softmax(-1)[..., 7].sum(), e)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
