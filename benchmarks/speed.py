@@ -745,10 +745,13 @@ def run_server_latency(
     lengths: Sequence[int],
     model: str | None = None,
     device: str = "cpu",
+    local: LatencyBench | None = None,
 ) -> list[dict[str, Any]]:
     """Through ``refiner serve``, one request at a time: each prompt plain, then refined (keywords = its
     concepts), at exactly each length (``min_new_tokens``). Reports the client's wall times and the
-    times the server reports in ``details.refinement``."""
+    times the server reports in ``details.refinement``. With ``local`` (a bench over the same concept
+    sets, in this process), each prompt is also generated and refined in process right after its
+    server requests, so the server and the process are compared in one run, on one machine state."""
     import httpx
 
     env = {"REFINER_MAX_NEW_TOKENS": str(max(lengths)), "REFINER_REQUEST_TIMEOUT_S": "900"}
@@ -779,11 +782,15 @@ def run_server_latency(
 
             for length in lengths:
                 post(texts[0], concepts[0], length, True)  # warm-up, not recorded
-                runs = []
-                for text, words in zip(texts, concepts, strict=True):
+                if local is not None:
+                    local._one(local.items[0], length)
+                runs, here = [], []
+                for i, (text, words) in enumerate(zip(texts, concepts, strict=True)):
                     plain_s, _ = post(text, words, length, False)
                     refined_s, details = post(text, words, length, True)
                     runs.append((plain_s, refined_s, details["generated_tokens"], details["refinement"]))
+                    if local is not None:
+                        here.append(local._one(local.items[i], length))
                 reports = [r[3] for r in runs]
                 row = {
                     "target_tokens": length,
@@ -800,6 +807,13 @@ def run_server_latency(
                 }
                 row["refined_over_plain"] = row["refined_request_s"] / row["plain_request_s"]
                 row["server_ratio"] = row["server_refine_s"] / row["server_generate_s"]
+                if here:
+                    row["in_process_generate_s"] = mean([t.generate_s for t in here])
+                    row["in_process_refine_s"] = mean([t.refine_s["coordinate"] for t in here])
+                    row["server_over_in_process_generate"] = (
+                        row["server_generate_s"] / row["in_process_generate_s"]
+                    )
+                    row["server_over_in_process_refine"] = row["server_refine_s"] / row["in_process_refine_s"]
                 rows.append(row)
                 log.info(
                     "server %d tokens: plain %.3f s, refined %.3f s (%.2fx); refine/generate %.2f",
@@ -814,19 +828,6 @@ def run_server_latency(
     finally:
         server.stop()
     return rows
-
-
-def side_by_side(server_rows: list[dict[str, Any]], latency_rows: list[dict[str, Any]]) -> None:
-    """Add the in-process figures of the same requests (method coordinate) to each server row."""
-    local = {r["target_tokens"]: r for r in latency_rows if r["method"] == "coordinate"}
-    for row in server_rows:
-        here = local.get(row["target_tokens"])
-        if here is None:
-            continue
-        row["in_process_generate_s"] = here["generate_s"]
-        row["in_process_refine_s"] = here["refine_s"]
-        row["server_over_in_process_generate"] = row["server_generate_s"] / here["generate_s"]
-        row["server_over_in_process_refine"] = row["server_refine_s"] / here["refine_s"]
 
 
 SERVER_TABLE = [
@@ -996,10 +997,13 @@ def main(argv: list[str] | None = None) -> int:
     with served_model(args.arch, args.device, args.tokenizer) as model:
         if args.part in ("server", "all"):
             n = args.requests
-            rows = run_server_latency(
-                texts[:n], [it.concepts for it in items[:n]], args.lengths, model, args.device
+            local = LatencyBench(
+                load_arch(args.arch, args.device, args.tokenizer), ["coordinate"], items[:n], False
             )
-            side_by_side(rows, result.get("latency", {}).get("rows", []))
+            rows = run_server_latency(
+                texts[:n], [it.concepts for it in items[:n]], args.lengths, model, args.device, local
+            )
+            del local
             result["server"] = {"settings": {"lengths": args.lengths, "requests": n}, "rows": rows}
             print(f"\nOne request at a time through the HTTP server ({args.arch}, {args.device})\n")
             print(markdown_table(rows, SERVER_TABLE))
