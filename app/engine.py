@@ -571,7 +571,7 @@ class Engine:
             finally:
                 self._running, self._current = False, []
                 self._progress()
-            if not all(p.small for p in batch):
+            if self.admission is not None and self.admission.holds_too_much():
                 release_free_memory()
 
     def _next_batch(self) -> list[_Pending] | None:

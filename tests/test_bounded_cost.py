@@ -104,6 +104,25 @@ def test_near_the_memory_ceiling_new_work_is_refused_with_memory_pressure(refine
         guard.admit(JobShape(prompt_tokens=10, output_tokens=8, refine=RefineConfig()))
 
 
+@pytest.mark.parametrize("near_ceiling", [False, True])
+def test_freed_memory_is_handed_back_only_when_holding_it_could_refuse_a_request(
+    loaded, refiner, make_engine, monkeypatch, near_ceiling: bool
+):
+    released = []
+    monkeypatch.setattr("app.engine.release_free_memory", lambda: released.append(1))
+    budget = 2**30  # what one request may need; the ceiling leaves half of it, or far more
+    room = budget // 2 if near_ceiling else 10**12
+    guard = admission(
+        refiner, memory_limit_bytes=resident_bytes() + room, request_memory_bytes=budget, small_seconds=0
+    )
+    assert guard.holds_too_much() is near_ceiling
+    engine = make_engine(admission=guard)
+    # small_seconds 0: the job counts as large, after which memory used to be handed back every time
+    asyncio.run(asyncio.wait_for(engine.submit(small_job(loaded)), timeout=30))
+    engine.stop()
+    assert bool(released) is near_ceiling
+
+
 # -- passes sized by memory ---------------------------------------------------------------------
 
 
