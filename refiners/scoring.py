@@ -366,11 +366,13 @@ class ModelRunner:
             use_cache=True,
             output_attentions=attention,
         )
-        # Logits at i predict the token at i + 1; the first token's distribution is the prompt's.
-        logprobs = torch.cat(
-            [state.next_logprobs[row_t][:, None], torch.log_softmax(out.logits.float(), -1)], 1
-        )
-        token_logprobs = logprobs[:, :-1].gather(-1, ids[..., None]).squeeze(-1) * mask
+        # Logits at i predict the token at i + 1 (the last one's pick is a placeholder, dropped); the
+        # first token's distribution is the prompt's.
+        picked = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+        later, distributions = _LogSoftmaxPicked.apply(out.logits.float(), picked)
+        logprobs = torch.cat([state.next_logprobs[row_t][:, None], distributions], 1)
+        first = state.next_logprobs[row_t].gather(-1, ids[:, :1])
+        token_logprobs = torch.cat([first, later[:, :-1]], 1) * mask
         per_position = None
         if attention:
             per_position = _prompt_attention(out.attentions, prompt_width) * mask[..., None]
@@ -578,6 +580,31 @@ class ModelRunner:
         while n < min(len(ref), len(output)) and ref[n] == output[n]:
             n += 1
         return max(0, min(n, len(output) - 1))
+
+
+class _LogSoftmaxPicked(torch.autograd.Function):
+    """log_softmax(logits) over the last dimension, and its entries at ``picked`` (an index per row):
+    only those carry a gradient. Its backward is one pass over the (C, L, V) logits, where autograd's
+    gather, slice, cat and log-softmax backwards made four, each filling or copying a tensor that size:
+    with Gemma's 262k vocabulary they were half of a 64-token gradient pass."""
+
+    @staticmethod
+    def forward(ctx, logits, picked):  # type: ignore[override]
+        logprobs = torch.log_softmax(logits, -1)
+        ctx.save_for_backward(logprobs, picked)
+        ctx.mark_non_differentiable(logprobs)
+        ctx.set_materialize_grads(False)  # no (C, L, V) zeros for the distributions' gradient
+        return logprobs.gather(-1, picked[..., None]).squeeze(-1), logprobs
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_logprobs):  # type: ignore[override]
+        # d log p_k / d logit_v = [v == k] - p_v
+        if grad_picked is None:
+            return None, None
+        logprobs, picked = ctx.saved_tensors
+        grad = logprobs.exp().mul_(-grad_picked[..., None])
+        grad.scatter_add_(-1, picked[..., None], grad_picked[..., None])
+        return grad, None
 
 
 def _attention_sum(per_position: torch.Tensor | None) -> torch.Tensor | None:

@@ -649,3 +649,21 @@ def test_generation_and_refinement_passes_run_without_cudnn_attention(tokenizer)
     Refiner(loaded).refine([RefineRequest(prompt, list(out.token_ids), RefineConfig(keywords=("dog",)))])
     assert len(seen) >= 6 and not any(seen)  # prefill, decode steps, prompt, gradient, lookahead, scoring
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the process's setting is restored
+
+
+def test_the_picked_log_probabilities_and_their_gradient_are_log_softmax_and_gathers() -> None:
+    from refiners.scoring import _LogSoftmaxPicked
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 300, dtype=torch.float64)
+    picked = torch.randint(0, 300, (2, 5))
+    upstream = torch.randn(2, 5, dtype=torch.float64)
+    mine, theirs = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    values, distributions = _LogSoftmaxPicked.apply(mine, picked)
+    expected = torch.log_softmax(theirs, -1).gather(-1, picked[..., None]).squeeze(-1)
+    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(distributions, torch.log_softmax(logits, -1))
+    assert not distributions.requires_grad
+    (g_mine,) = torch.autograd.grad((values * upstream).sum(), mine)
+    (g_theirs,) = torch.autograd.grad((expected * upstream).sum(), theirs)
+    torch.testing.assert_close(g_mine, g_theirs)
