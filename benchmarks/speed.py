@@ -251,7 +251,8 @@ class LatencyBench:
         _sync(device)
         return time.perf_counter() - started, value
 
-    def _one(self, item: ConceptSet, length: int) -> Timing:
+    def time_request(self, item: ConceptSet, length: int) -> Timing:
+        """One concept set's prompt generated to ``length`` tokens, then refined by each method."""
         prompt = prompt_ids(self.loaded.tokenizer, item)
         # keep_prompt_cache as the server does: the step reuses the prompt's cache.
         gen_s, [out] = self._timed(
@@ -275,10 +276,10 @@ class LatencyBench:
         rows = []
         for length in lengths:
             for w in range(warmup):  # not recorded: first-call allocations, kernels, caches
-                self._one(self.items[w % len(self.items)], length)
+                self.time_request(self.items[w % len(self.items)], length)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            runs = [self._one(item, length) for item in self.items]
+            runs = [self.time_request(item, length) for item in self.items]
             gen = [r.generate_s for r in runs]
             hf = [r.hf_generate_s for r in runs if r.hf_generate_s is not None]
             tokens = mean([r.tokens for r in runs])
@@ -364,11 +365,11 @@ def run_packing(
     for length in lengths:
         for bench in benches.values():
             for w in range(warmup):
-                bench._one(items[w % len(items)], length)
+                bench.time_request(items[w % len(items)], length)
         runs: dict[bool, list[Timing]] = {True: [], False: []}
         for i, item in enumerate(items):
             for packed in (True, False) if i % 2 == 0 else (False, True):
-                runs[packed].append(benches[packed]._one(item, length))
+                runs[packed].append(benches[packed].time_request(item, length))
         plain_gen = mean([r.generate_s for r in runs[False]])
         plain_ref = mean([r.refine_s["coordinate"] for r in runs[False]])
         for packed in (True, False):
@@ -783,14 +784,14 @@ def run_server_latency(
             for length in lengths:
                 post(texts[0], concepts[0], length, True)  # warm-up, not recorded
                 if local is not None:
-                    local._one(local.items[0], length)
+                    local.time_request(local.items[0], length)
                 runs, here = [], []
                 for i, (text, words) in enumerate(zip(texts, concepts, strict=True)):
                     plain_s, _ = post(text, words, length, False)
                     refined_s, details = post(text, words, length, True)
                     runs.append((plain_s, refined_s, details["generated_tokens"], details["refinement"]))
                     if local is not None:
-                        here.append(local._one(local.items[i], length))
+                        here.append(local.time_request(local.items[i], length))
                 reports = [r[3] for r in runs]
                 row = {
                     "target_tokens": length,

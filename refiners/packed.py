@@ -1,10 +1,10 @@
-"""Linear layers whose weights are packed once for oneDNN: the CPU's float32 passes, 1.2-1.45x faster.
+"""Linear layers whose weights are packed once for oneDNN: the CPU's float32 step 1.05-1.34x faster.
 
 PyTorch runs a float32 ``nn.Linear`` on the CPU as an MKL GEMM that lays the weight out again in its
 blocked format on every call. At one token row (decoding) MKL switches to a GEMV; at the few to few dozen
 rows of a lookahead, gradient or scoring pass that repacking costs about as much as the product itself.
 oneDNN takes a weight packed once, ahead of time (the kernels Inductor uses when it freezes a model).
-``README.md`` ("Speed") has the side-by-side figures; ``benchmarks.speed --part packing`` measures them.
+``python -m benchmarks.speed --part packing`` measures it side by side (``README.md``, "Speed").
 
 The parameters stay what they were (same tensors: tied weights stay tied, state dict keys unchanged);
 the packed copies are extra memory: two per weight, the weight and its transpose (the gradient pass
