@@ -7,8 +7,8 @@
 #
 #   bash benchmarks/gpu.sh bundle    # here: fill .gpu (make gpu-bundle)
 #   bash benchmarks/gpu.sh [PART...] # there: install the wheels under /tmp/site, run the parts
-#                                    # (test llama-1b throughput throughput-16 llama-8b;
-#                                    # default: test llama-1b throughput llama-8b)
+#                                    # (test llama-1b server throughput throughput-16 llama-8b;
+#                                    # default: all but throughput-16, in that order)
 set -u
 if [ "${1:-}" = bundle ]; then
     # The versions this project's venv holds, as Python 3.12 wheels (the GPU image's Python).
@@ -35,11 +35,11 @@ tok=(); [ -d .gpu/tokenizer ] && tok=(--tokenizer .gpu/tokenizer)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
-parts=${*:-test llama-1b throughput llama-8b}
+parts=${*:-test llama-1b server throughput llama-8b}
 want() { [[ " $parts " == *" $1 "* ]]; }
 
 # The library on CUDA first (bf16, every method and term, tiny models): a failure here explains the rest.
-want test && { REFINER_TEST_TOKENIZER=${tok[1]:-} timeout 90 python3 -m pytest -q -p no:cacheprovider \
+want test && { REFINER_TEST_TOKENIZER=${tok[1]:-} timeout 60 python3 -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py || echo "!! tests/test_cuda.py ended with $?"; }
 
 speed() { # arch, seconds, then speed.py arguments
@@ -47,10 +47,12 @@ speed() { # arch, seconds, then speed.py arguments
     timeout --signal=INT "$limit" python3 -m benchmarks.speed --arch "$arch" --device cuda "${tok[@]}" \
         --out "$OUT/speed-$arch-cuda.json" "$@" || echo "!! $arch $* ended with $?"
 }
-want llama-1b && speed llama-1b 130 --part latency --lengths 16 32 64 --requests 4
-want throughput && speed llama-1b 200 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
+want llama-1b && speed llama-1b 100 --part latency --lengths 16 32 64 --requests 4
+# The step through the HTTP server, and the same prompts in process in turn (same JSON, "server").
+want server && speed llama-1b 110 --part server --lengths 16 32 64 --requests 4
+want throughput && speed llama-1b 170 --part throughput --batch-sizes 1 16 --max-requests-per-level 32
 # 16 clients with 64 requests each way (the full part sends 32 at that level, two rounds).
 want throughput-16 && speed llama-1b 200 --part throughput --batch-sizes 1 16 --concurrency 16 \
     --requests-per-level 64
-want llama-8b && speed llama-8b 110 --part latency --lengths 16 32 64 --requests 4 --methods coordinate
+want llama-8b && speed llama-8b 100 --part latency --lengths 16 32 64 --requests 4 --methods coordinate
 exit 0  # each part reports its own failure above ("!! ...")

@@ -928,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per health poll and request
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu", file=sys.stderr)
