@@ -135,22 +135,29 @@ class PassLimits:
     launch time), so passes are large and few: up to 1024 outputs, a sixteenth of the device's memory
     (5 GB on an 80 GB card), and merging two passes pays up to 512 rows of padding.
 
+    A CPU also runs a scoring pass's head a few token positions at a time, about 32 MB of logits
+    each, whose log-sum-exp reads them while they are still in cache: the pass never holds its whole
+    (C, L, V) logits (the embedded model's 64-token step scored in 0.82x the time, README).
+    Passes are still planned as if it did (``ModelShape.pass_row_bytes``): larger ones gained nothing.
+
     Attributes:
         outputs: most outputs in one pass.
         bytes: memory budget of one pass.
         overhead_rows: the fixed cost of one pass, in token rows (``plan_passes``).
+        head_bytes: the logits the head computes at once in a scoring pass (None: the whole pass).
     """
 
     outputs: int
     bytes: int
     overhead_rows: float
+    head_bytes: int | None = None
 
     @staticmethod
     def of(device: torch.device) -> PassLimits:
         if device.type == "cuda":
             memory = torch.cuda.get_device_properties(device).total_memory
             return PassLimits(outputs=1024, bytes=memory // 16, overhead_rows=512.0)
-        return PassLimits(outputs=64, bytes=256 * 2**20, overhead_rows=32.0)
+        return PassLimits(outputs=64, bytes=256 * 2**20, overhead_rows=32.0, head_bytes=32 * 2**20)
 
 
 class CostModel:

@@ -153,6 +153,22 @@ def picks_logits(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The model's body and head where its logits are exactly ``head(body(...).last_hidden_state)``
+    (nothing after the head: no soft-capping or scaling), so a caller can run the head on a few
+    positions at a time; None where that does not hold. Checked once, on a two-token input."""
+    body = model.base_model if model.base_model is not model else model.get_decoder()
+    head = model.get_output_embeddings()
+    config = getattr(model.config, "text_config", model.config)
+    if body is model or head is None or getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    ids = torch.tensor([[0, 1]], device=head.weight.device)
+    with torch.no_grad(), shape_free_attention():
+        whole = model(input_ids=ids).logits
+        split = head(body(input_ids=ids).last_hidden_state)
+    return (body, head) if torch.allclose(whole, split, rtol=1e-4, atol=1e-5) else None
+
+
 def model_path(name_or_path: str = EMBEDDED_MODEL, cache_dir: str | Path | None = None) -> str:
     """What ``from_pretrained`` reads for ``name_or_path``: an embedded model's converted copy (made
     once, see ``load_model``), else ``name_or_path`` itself."""

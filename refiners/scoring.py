@@ -27,9 +27,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refiners.attention_mask import AttentionMasks
-from refiners.cost import ModelShape, PassLimits
+from refiners.cost import FLOAT, ModelShape, PassLimits
 from refiners.errors import NumericalError
-from refiners.models import picks_logits, shape_free_attention
+from refiners.models import picks_logits, shape_free_attention, split_head
 from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
 from refiners.padding import pad_ids
 
@@ -255,6 +255,9 @@ class ModelRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._free_row: PromptState | None = None
         self._picks_logits = picks_logits(model)
+        # Where the head can run apart from the body, a CPU scoring pass runs it a slice at a time.
+        self._head = split_head(model) if limits.head_bytes else None
+        self._head_rows = max(1, (limits.head_bytes or 0) // (self.shape.vocab * FLOAT))
         self.masks = AttentionMasks(model)
 
     @contextmanager
@@ -464,10 +467,7 @@ class ModelRunner:
         suffix_lengths = mask.sum(1) - starts
         steps = torch.arange(max(1, int(suffix_lengths.max()) if len(rows) else 1), device=self.device)
         new_ids = ids.gather(1, (starts[:, None] + steps).clamp(max=width - 1))
-        # The last position's logits would predict a token past the suffix: the head skips it where the
-        # model allows (a large share of a few-token lookahead window's work with a 262k vocabulary).
-        skip_last = {"logits_to_keep": steps[:-1]} if self._picks_logits else {}
-        out = self.model(
+        inputs = dict(
             input_ids=new_ids,
             attention_mask=self.masks(
                 torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1), len(steps)
@@ -476,13 +476,21 @@ class ModelRunner:
             past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
             use_cache=True,
             output_attentions=attention,
-            **skip_last,
         )
-        # The first computed token's distribution comes from the pass before (the prompt's, or the
-        # prefix's); only the chosen tokens' log-probabilities are taken: no (C, L, V) log-softmax copy.
+        # The last position's logits would predict a token past the suffix: the head skips it (a large
+        # share of a few-token lookahead window's work with a 262k vocabulary). Only the chosen tokens'
+        # log-probabilities are taken: no (C, L, V) log-softmax copy.
+        if self._head is not None:
+            body, head = self._head
+            out = body(**inputs)
+            later = self._picked_logprobs(head, out.last_hidden_state[:, :-1], new_ids[:, 1:])
+        else:
+            skip_last = {"logits_to_keep": steps[:-1]} if self._picks_logits else {}
+            out = self.model(**inputs, **skip_last)
+            logits = out.logits.float() if skip_last else out.logits[:, :-1].float()
+            later = logits.gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+        # The first computed token's distribution comes from the pass before (the prompt's, or the prefix's).
         first = state.next_logprobs[row_t] if pre is None else prefix.logprobs[pre, starts]
-        logits = out.logits.float() if skip_last else out.logits[:, :-1].float()
-        later = logits.gather(-1, new_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
         token_logprobs = torch.cat([first.gather(-1, new_ids[:, :1]), later], 1)
         per_position = _prompt_attention(out.attentions, state.mask.shape[1]) if attention else None
         if prefix is not None and pre is not None and int(starts.max()):
@@ -493,6 +501,19 @@ class ModelRunner:
         if per_position is not None:
             per_position = per_position[:, :width] * mask[..., None]
         return _Forward(token_logprobs[:, :width] * mask, per_position)
+
+    def _picked_logprobs(
+        self, head: torch.nn.Module, hidden: torch.Tensor, picked: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(picked) at every position of ``hidden`` (C, L, d), the head run on ``_head_rows``
+        positions at a time: the same numbers as one (C, L, V) head, without its memory."""
+        flat, ids = hidden.reshape(-1, hidden.shape[-1]), picked.reshape(-1, 1)
+        result = torch.empty(ids.shape[0], device=hidden.device)
+        for i in range(0, ids.shape[0], self._head_rows):
+            logits = head(flat[i : i + self._head_rows]).float()
+            j = i + logits.shape[0]
+            result[i:j] = logits.gather(-1, ids[i:j]).squeeze(-1) - logits.logsumexp(-1)
+        return result.view(picked.shape)
 
     def _past(
         self,

@@ -628,10 +628,10 @@ def test_stacked_edits_are_scored_in_the_same_pass_as_the_single_ones(tokenizer,
         candidates=12, keywords=("dog", "frisbee", "park", "lake"), weights={"keywords": 100.0}
     )
     refiner.refine([RefineRequest(prompt, output, config)])  # the first call also reads a document start
-    forward = loaded.model.forward
-    passes = []
-    monkeypatch.setattr(loaded.model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    passes = []  # counted at the body: scoring passes run it and the head apart (split_head)
+    hook = loaded.model.model.register_forward_pre_hook(lambda *_: passes.append(1))
     [result] = refiner.refine([RefineRequest(prompt, output, config)])
+    hook.remove()
     # The prompt, the gradient pass, the lookahead and one scoring pass: no second pass for the stacks.
     assert len(passes) == 4
     assert len(result.edits) >= 2 and {e["step"] for e in result.edits} == {0}
@@ -642,7 +642,10 @@ def test_generation_and_refinement_passes_run_without_cudnn_attention(tokenizer)
     # cuDNN's attention builds a graph per input shape (see refiners.models.shape_free_attention).
     loaded = tiny_llama(tokenizer)
     seen = []
-    loaded.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    # At the body: every pass runs it (scoring passes run the head apart, see split_head).
+    loaded.model.model.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
     assert torch.backends.cuda.cudnn_sdp_enabled()
     prompt = chat_prompt(tokenizer, "Use the word dog.")
     [out] = BatchGenerator(loaded).generate([prompt], [SamplingParams(max_new_tokens=4)])
@@ -667,3 +670,43 @@ def test_the_picked_log_probabilities_and_their_gradient_are_log_softmax_and_gat
     (g_mine,) = torch.autograd.grad((values * upstream).sum(), mine)
     (g_theirs,) = torch.autograd.grad((expected * upstream).sum(), theirs)
     torch.testing.assert_close(g_mine, g_theirs)
+
+
+def test_scoring_runs_the_head_a_slice_at_a_time_with_the_same_numbers(suite, tokenizer, monkeypatch) -> None:
+    runner = suite.refiner.runner
+    assert runner._head is not None  # every test architecture's logits are its head's output
+    prompts = [chat_prompt(tokenizer, "Name a colour."), chat_prompt(tokenizer, CASES[2][0])]
+    outputs = [output_ids(tokenizer, "Blue is nice."), output_ids(tokenizer, "A dog plays in the park.")]
+    configs = [RefineConfig(keywords=("dog",)), RefineConfig(length_penalty=0.6)]
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    state = runner.prompt_state(prompts, [None, None], free_context=True)
+    current = runner.gradient_pass(state, Outputs([0, 1], outputs, configs, texts)).current
+    filler = tokenizer.encode(" dog", add_special_tokens=False)[0]
+    rows = [r for r, o in enumerate(outputs) for _ in candidate_outputs(o, filler)]
+    cands = [c for o in outputs for c in candidate_outputs(o, filler)]
+    candidates = Outputs(rows, cands, [configs[r] for r in rows], [tokenizer.decode(c) for c in cands])
+    monkeypatch.setattr(runner, "_head_rows", 3)  # several slices in every pass, the last one short
+    sliced = runner.score(state, candidates, current).totals
+    monkeypatch.setattr(runner, "_head", None)
+    whole = runner.score(state, candidates, current).totals
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_whose_logits_are_changed_after_its_head_is_not_split(tokenizer) -> None:
+    from refiners.models import split_head
+    from tests.tiny_models import tiny_gemma3
+
+    loaded = tiny_gemma3(tokenizer)
+    assert split_head(loaded.model) is not None
+    loaded.model.config.final_logit_softcapping = 30.0  # Gemma 2's: tanh after the head
+    assert split_head(loaded.model) is None
+    loaded.model.config.final_logit_softcapping = None
+    forward = loaded.model.forward
+
+    def scaled(*args, **kwargs):  # as Cohere's or Granite's logit scale: found by the check itself
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    loaded.model.forward = scaled
+    assert split_head(loaded.model) is None
