@@ -162,7 +162,7 @@ def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module
     config = getattr(model.config, "text_config", model.config)
     if body is model or head is None or getattr(config, "final_logit_softcapping", None) is not None:
         return None
-    ids = torch.tensor([[0, 1]], device=head.weight.device)
+    ids = torch.tensor([[0, 1]], device=model.device)  # a head need not hold its own weight
     with torch.no_grad(), shape_free_attention():
         whole = model(input_ids=ids).logits
         split = head(body(input_ids=ids).last_hidden_state)
