@@ -7,8 +7,8 @@
 #
 #   bash benchmarks/gpu.sh bundle    # here: fill .gpu (make gpu-bundle)
 #   bash benchmarks/gpu.sh [PART...] # there: install the wheels under /tmp/site, run the parts
-#                                    # (test llama-1b server throughput throughput-16 llama-8b;
-#                                    # default: all but throughput-16, in that order)
+#                                    # (test llama-1b server throughput throughput-16 profile llama-8b;
+#                                    # default: all but throughput-16 and profile, in that order)
 set -u
 if [ "${1:-}" = bundle ]; then
     # The versions this project's venv holds, as Python 3.12 wheels (the GPU image's Python).
@@ -54,5 +54,8 @@ want throughput && speed llama-1b 170 --part throughput --batch-sizes 1 16 --max
 # 16 clients with 64 requests each way (the full part sends 32 at that level, two rounds).
 want throughput-16 && speed llama-1b 200 --part throughput --batch-sizes 1 16 --concurrency 16 \
     --requests-per-level 64
+# Where the step's launches go, by part: model forwards, the backward, the refiner's own.
+want profile && { timeout 120 python3 -m benchmarks.step_profile --arch llama-1b --device cuda "${tok[@]}" \
+    --length 64 --out "$OUT/step-profile-llama-1b-cuda.json" || echo "!! profile ended with $?"; }
 want llama-8b && speed llama-8b 100 --part latency --lengths 16 32 64 --requests 4 --methods coordinate
 exit 0  # each part reports its own failure above ("!! ...")

@@ -55,7 +55,8 @@ class Lookahead:
         exact over its window; edits that do not round-trip through the tokenizer are dropped."""
         started = time.perf_counter()
         try:
-            return self._estimates(steps, shortlists)
+            with torch.profiler.record_function("refine.lookahead"):
+                return self._estimates(steps, shortlists)
         finally:
             self.seconds += time.perf_counter() - started
 

@@ -14,6 +14,7 @@ so the reported score is the score of the returned text.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -262,8 +263,9 @@ class Refiner:
         )
         scores = self.runner.score(state, candidates, current, checkpoint)
         for c, (j, p, _) in enumerate(flat):
-            if torch.isfinite(scores.totals[c]):  # a candidate with NaN scores is dropped, not kept
-                scored[j].append((p, float(scores.totals[c]), self._report(scores, c, steps[j].config)))
+            total = scores.row(c)[0]
+            if math.isfinite(total):  # a candidate with NaN scores is dropped, not kept
+                scored[j].append((p, total, self._report(scores, c, steps[j].config)))
             tracks[j].candidates += 1
         return scored
 
@@ -338,9 +340,10 @@ class Refiner:
 
 @contextmanager
 def _timed(clock: dict[str, float], kind: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``clock[kind]``."""
+    """Add the seconds the block takes to ``clock[kind]``; a profiler sees the block as ``refine.<kind>``."""
     started = time.perf_counter()
     try:
-        yield
+        with torch.profiler.record_function(f"refine.{kind}"):
+            yield
     finally:
         clock[kind] += time.perf_counter() - started

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from refiners.attention_mask import AttentionMasks
 from refiners.cost import FLOAT, ModelShape, PassLimits
@@ -47,6 +48,8 @@ class PromptState:
         lengths: (B,) real prompt lengths (the first output position of each row).
         next_logprobs: (B, V) log p(. | X): the distribution of the first output token.
         free_offset: with free twins (``ModelRunner.prompt_state``), the row of prompt 0's twin.
+        stacked: ``kv`` as one (layers, 2, B, heads, P, head_dim) tensor (``stack_layers``), of which
+            ``kv`` are views; None where it was not made or the layers differ in shape.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -54,6 +57,7 @@ class PromptState:
     lengths: torch.Tensor
     next_logprobs: torch.Tensor
     free_offset: int | None = None
+    stacked: torch.Tensor | None = None
 
     def twins(self, rows: Sequence[int]) -> list[int]:
         """The free-twin row of each prompt row."""
@@ -69,7 +73,14 @@ class PromptState:
             self.mask[i : i + 1, pad:],
             self.lengths[i : i + 1],
             self.next_logprobs[i : i + 1],
+            stacked=None if self.stacked is None else self.stacked[:, :, i : i + 1, :, pad:],
         )
+
+    def rows_kv(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys/values of prompt rows ``rows`` (new tensors): one gather when stacked."""
+        if self.stacked is not None:
+            return layers_of(self.stacked[:, :, rows])
+        return [(k[rows], v[rows]) for k, v in self.kv]
 
     @staticmethod
     def stack(rows: Sequence[PromptState]) -> PromptState:
@@ -77,20 +88,26 @@ class PromptState:
         ``torch.inference_mode``, as generation's are, can take part in a gradient pass)."""
         width = max(r.mask.shape[1] for r in rows)
 
-        def left_pad(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        def left_pad(parts: list[torch.Tensor], dim: int, rows_dim: int = 0) -> torch.Tensor:
             shape = list(parts[0].shape)
-            shape[0], shape[dim] = len(parts), width
+            shape[rows_dim], shape[dim] = len(parts), width
             out = parts[0].new_zeros(shape)
             for b, part in enumerate(parts):
-                out[b : b + 1].narrow(dim, width - part.shape[dim], part.shape[dim]).copy_(part)
+                out.narrow(rows_dim, b, 1).narrow(dim, width - part.shape[dim], part.shape[dim]).copy_(part)
             return out
 
+        mask = left_pad([r.mask for r in rows], 1)
+        next_logprobs = torch.cat([r.next_logprobs for r in rows]).clone()
+        per_row = [r.stacked if r.stacked is not None else stack_layers(r.kv) for r in rows]
+        if all(s is not None and s.shape[4] == r.mask.shape[1] for s, r in zip(per_row, rows)) and (
+            len({s.shape[:4] + s.shape[5:] for s in per_row if s is not None}) == 1
+        ):
+            stacked = left_pad([s for s in per_row if s is not None], 4, rows_dim=2)
+            return PromptState(layers_of(stacked), mask, mask.sum(-1), next_logprobs, stacked=stacked)
         kv = [
             (left_pad([r.kv[layer][0] for r in rows], 2), left_pad([r.kv[layer][1] for r in rows], 2))
             for layer in range(len(rows[0].kv))
         ]
-        mask = left_pad([r.mask for r in rows], 1)
-        next_logprobs = torch.cat([r.next_logprobs for r in rows]).clone()
         return PromptState(kv, mask, mask.sum(-1), next_logprobs)
 
 
@@ -146,6 +163,7 @@ class CurrentOutputs:
     logprobs: torch.Tensor  # (B, L + 1, V)
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, heads, L, head_dim)
     attention: torch.Tensor | None  # (B, L, P)
+    stacked: torch.Tensor | None = None  # ``kv`` as one tensor (``stack_layers``), of which kv are views
 
     def distributions(self, row: int, twin: int | None, length: int) -> dict[str, torch.Tensor]:
         """Per reading, the (length, V) next-token distributions of prompt row ``row``'s output."""
@@ -162,8 +180,14 @@ class Scores:
     totals: torch.Tensor
     parts: dict[str, torch.Tensor]
 
+    @cached_property
+    def _host(self) -> list[list[float]]:
+        """Totals then each part, as host floats: one device->host copy for every row's report."""
+        return torch.stack([self.totals.float(), *(v.float() for v in self.parts.values())]).tolist()
+
     def row(self, i: int) -> tuple[float, dict[str, float]]:
-        return float(self.totals[i]), {name: float(v[i]) for name, v in self.parts.items()}
+        totals, *parts = self._host
+        return totals[i], {name: values[i] for name, values in zip(self.parts, parts)}
 
 
 @dataclass
@@ -283,8 +307,10 @@ class ModelRunner:
         attention_mask = self.masks(mask, ids.shape[1]) if padded else mask
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        stacked = stack_layers(kv)
         next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return PromptState(kv, mask, mask.sum(-1), next_logprobs)
+        kv = kv if stacked is None else layers_of(stacked)
+        return PromptState(kv, mask, mask.sum(-1), next_logprobs, stacked=stacked)
 
     def prompt_state(
         self, prompts: Sequence[Sequence[int]], caches: Sequence[PromptState | None], free_context: bool
@@ -365,7 +391,7 @@ class ModelRunner:
             inputs_embeds=embeds,
             attention_mask=self.masks(torch.cat([state.mask[row_t], mask], dim=1), width),
             position_ids=state.lengths[row_t, None] + torch.arange(width, device=self.device),
-            past_key_values=DynamicCache.from_legacy_cache(tuple((k[row_t], v[row_t]) for k, v in state.kv)),
+            past_key_values=cache_over(state.rows_kv(row_t)),
             use_cache=True,
             output_attentions=attention,
         )
@@ -473,7 +499,7 @@ class ModelRunner:
                 torch.cat([*past_mask, (steps < suffix_lengths[:, None]).long()], dim=1), len(steps)
             ),
             position_ids=state.lengths[row_t, None] + starts[:, None] + steps,
-            past_key_values=DynamicCache.from_legacy_cache(tuple(kv)),
+            past_key_values=cache_over(kv),
             use_cache=True,
             output_attentions=attention,
         )
@@ -525,12 +551,16 @@ class ModelRunner:
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
         """The cache each output's suffix attends to: its prompt row's, then (with shared prefixes) the
         prefix's keys/values, right-aligned. Returns (kv per layer, masks of those parts)."""
-        kv = [(k[rows], v[rows]) for k, v in state.kv]
         shared = int(starts.max()) if len(starts) else 0
         if not shared or prefix is None or pre is None:
-            return kv, [state.mask[rows]]
+            return state.rows_kv(rows), [state.mask[rows]]
         # Column j of the shared part holds prefix token s_c - shared + j (masked when negative).
         src = starts[:, None] - shared + torch.arange(shared, device=self.device)
+        masks = [state.mask[rows], (src >= 0).long()]
+        if state.stacked is not None and prefix.stacked is not None:
+            cached = prefix.stacked[:, :, pre]  # (layers, 2, C, heads, L, head_dim)
+            at = src.clamp(min=0)[None, None, :, None, :, None].expand(*cached.shape[:4], -1, cached.shape[5])
+            return layers_of(torch.cat([state.stacked[:, :, rows], cached.gather(4, at)], 4)), masks
         index = src.clamp(min=0)[:, None, :, None]
 
         def take(cached: torch.Tensor) -> torch.Tensor:
@@ -539,9 +569,9 @@ class ModelRunner:
 
         kv = [
             (torch.cat([k, take(pk)], 2), torch.cat([v, take(pv)], 2))
-            for (k, v), (pk, pv) in zip(kv, prefix.kv)
+            for (k, v), (pk, pv) in zip(state.rows_kv(rows), prefix.kv)
         ]
-        return kv, [state.mask[rows], (src >= 0).long()]
+        return kv, masks
 
     @torch.no_grad()
     def score(
@@ -636,13 +666,16 @@ def _attention_sum(per_position: torch.Tensor | None) -> torch.Tensor | None:
 def _detached(current: CurrentOutputs) -> CurrentOutputs:
     """The pass without its autograd graph: kept for the rest of the step."""
     with torch.no_grad():
+        kv = [(k.detach(), v.detach()) for k, v in current.kv]
+        stacked = stack_layers(kv)
         return CurrentOutputs(
             index=current.index,
             ids=current.ids,
             token_logprobs=current.token_logprobs.detach(),
             logprobs=current.logprobs.detach(),
-            kv=[(k.detach(), v.detach()) for k, v in current.kv],
+            kv=kv if stacked is None else layers_of(stacked),
             attention=current.attention.detach() if current.attention is not None else None,
+            stacked=stacked,
         )
 
 
@@ -685,3 +718,37 @@ def _splice(prefix: torch.Tensor, suffix: torch.Tensor, starts: torch.Tensor, wi
     from_suffix = suffix[rows, (cols - starts[:, None]).clamp(0, suffix.shape[1] - 1)]
     keep = (cols < starts[:, None]).view(*starts.shape, width, *([1] * (suffix.dim() - 2)))
     return torch.where(keep, from_prefix, from_suffix)
+
+
+def stack_layers(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Every layer's keys and values as one (layers, 2, rows, heads, positions, head_dim) tensor (a
+    copy), or None where they differ in shape (sliding-window layers, other value widths). Selecting
+    rows, gathering a shared prefix and joining two caches then take one launch each, not one per
+    layer and tensor: on a GPU a small model's step costs its launches."""
+    shape = kv[0][0].shape
+    if any(t.shape != shape for pair in kv for t in pair):
+        return None
+    return torch.stack([t for pair in kv for t in pair]).unflatten(0, (len(kv), 2))
+
+
+def layers_of(stacked: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (keys, values) views of a ``stack_layers`` tensor."""
+    return [(layer[0], layer[1]) for layer in stacked]
+
+
+def cache_over(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A ``DynamicCache`` that starts from these keys/values as they are: ``from_legacy_cache`` copies
+    each one (a launch per layer and tensor). The model's forward appends by concatenation, into new
+    tensors: these are never written."""
+    cache = DynamicCache()
+    for k, v in kv:  # what DynamicLayer.update's first call sets, without its copy (transformers 4.57)
+        layer = DynamicLayer()
+        layer.dtype, layer.device, layer.keys, layer.values, layer.is_initialized = (
+            k.dtype,
+            k.device,
+            k,
+            v,
+            True,
+        )
+        cache.layers.append(layer)
+    return cache

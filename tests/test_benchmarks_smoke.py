@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import batching, quality, reference, speed, step_batch
+from benchmarks import batching, quality, reference, speed, step_batch, step_profile
 from benchmarks.commongen import (
     SLICES,
     concept_coverage,
@@ -150,6 +150,18 @@ def test_step_batch_times_each_batch_size_and_its_parts(tiny):
     assert all(r["refine_s"] == min(r["runs_s"]) > 0 and len(r["runs_s"]) == 2 for r in rows)
     assert all(sum(r[part] for part in speed.STEP_PARTS) <= r["refine_s"] for r in rows)
     assert markdown_table(rows, step_batch.TABLE).count("\n") == 3
+
+
+def test_step_profile_counts_each_parts_work_in_the_model_the_backward_and_the_refiner(tiny):
+    item = load_concept_sets(1)[0]
+    prompt = prompt_ids(tiny.tokenizer, item)
+    [output] = BatchGenerator(tiny).generate([prompt], [speed.exact_length(8)])
+    request = RefineRequest(prompt, output.token_ids, RefineConfig(keywords=tuple(item.concepts)))
+    totals = step_profile.profile_steps(Refiner(tiny), [request], cuda=False)
+    assert set(totals) <= set(speed.STEP_PARTS)  # every operator ran inside a labelled part
+    gradient = totals["gradient"]
+    assert gradient["<model>"] > 0 and gradient["<backward>"] > 0 and gradient["syncs"] == 0
+    assert sum(k for op, k in totals["prompt"].items() if op.startswith("aten::")) > 0
 
 
 def test_throughput_client_counts_requests_and_errors(tiny, tmp_path):

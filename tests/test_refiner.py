@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import keyword_present
 from refiners.methods.base import Vocabulary
 from refiners.models import LoadedModel
-from refiners.scoring import Outputs, plan_passes
+from refiners.scoring import Outputs, PromptState, plan_passes, stack_layers
 from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids, tiny_llama
 
 TOL = 1e-4
@@ -430,6 +430,61 @@ def test_scores_with_prefix_reuse_equal_scores_without(
         assert [a["total"] for a in alone] == pytest.approx([float(full[i]) for i in idx], abs=TOL)
 
 
+def two_outputs_and_their_candidates(runner, tokenizer):
+    """Two prompts with one output each after their gradient pass, and a candidate at every position
+    of each (``candidate_outputs``): (state, current, the outputs' batch, the candidates)."""
+    prompts = [chat_prompt(tokenizer, "Name a colour."), chat_prompt(tokenizer, CASES[2][0])]
+    outputs = [output_ids(tokenizer, "Blue is nice."), output_ids(tokenizer, "A dog plays in the park.")]
+    configs = [RefineConfig(keywords=("dog",)), RefineConfig(length_penalty=0.6)]
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    state = runner.prompt_state(prompts, [None, None], free_context=True)
+    batch = Outputs([0, 1], outputs, configs, texts)
+    current = runner.gradient_pass(state, batch).current
+    filler = tokenizer.encode(" dog", add_special_tokens=False)[0]
+    rows = [r for r, o in enumerate(outputs) for _ in candidate_outputs(o, filler)]
+    cands = [c for o in outputs for c in candidate_outputs(o, filler)]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in cands]
+    return state, current, batch, Outputs(rows, cands, [configs[r] for r in rows], texts)
+
+
+def test_caches_stacked_across_layers_score_as_caches_kept_per_layer(suite, tokenizer, monkeypatch) -> None:
+    # Prompt and current-output caches are one tensor across layers where the layers agree in shape
+    # (one launch to pick rows or gather a prefix); the per-layer path stays for models whose layers
+    # differ. Both must give the same numbers, with and without a shared prefix.
+    runner = suite.refiner.runner
+    state, current, batch, candidates = two_outputs_and_their_candidates(runner, tokenizer)
+    assert state.stacked is not None and current.stacked is not None
+    per_layer_state, per_layer_current = replace(state, stacked=None), replace(current, stacked=None)
+    monkeypatch.setattr(runner, "chunk_size", 5)
+    for prefix, per_layer_prefix in ((current, per_layer_current), (None, None)):
+        stacked = runner.score(state, candidates, prefix).totals
+        per_layer = runner.score(per_layer_state, candidates, per_layer_prefix).totals
+        torch.testing.assert_close(stacked, per_layer, atol=TOL, rtol=1e-5)
+    per_layer_grad = runner.gradient_pass(per_layer_state, batch)
+    torch.testing.assert_close(per_layer_grad.scores.totals, runner.gradient_pass(state, batch).scores.totals)
+
+
+def test_layers_that_differ_in_shape_keep_their_caches_per_layer() -> None:
+    # A model whose layers' caches differ (a sliding-window layer holding fewer positions, values of
+    # another width) cannot be stacked: the state keeps one tensor pair per layer, left-padded.
+    keys, wide = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 8)
+
+    def state(kv: list, width: int) -> PromptState:
+        return PromptState(kv, torch.ones(1, width), torch.tensor([width]), torch.zeros(1, 5))
+
+    row = state([(keys, keys), (keys, wide)], 3)
+    short = state([(keys[:, :, 1:], keys[:, :, 1:]), (keys[:, :, 1:], wide[:, :, 1:])], 2)
+    assert stack_layers(row.kv) is None
+    batch = PromptState.stack([row, short])
+    assert batch.stacked is None and batch.kv[1][1].shape == (2, 2, 3, 8)
+    torch.testing.assert_close(batch.kv[1][1][1, :, 1:], wide[0, :, 1:])
+    assert float(batch.kv[1][1][1, :, 0].abs().sum()) == 0.0  # left padding
+    same = state([(keys, keys)] * 2, 3)
+    both = PromptState.stack([same, state([(keys[:, :, 1:], keys[:, :, 1:])] * 2, 2)])
+    assert both.stacked is not None and both.stacked.shape == (2, 2, 2, 2, 3, 4)
+    torch.testing.assert_close(both.kv[1][0][1, :, 1:], keys[0, :, 1:])
+
+
 @pytest.mark.parametrize("span_words", [1, 2])
 def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
     suite, tokenizer, monkeypatch, span_words
@@ -675,16 +730,7 @@ def test_the_picked_log_probabilities_and_their_gradient_are_log_softmax_and_gat
 def test_scoring_runs_the_head_a_slice_at_a_time_with_the_same_numbers(suite, tokenizer, monkeypatch) -> None:
     runner = suite.refiner.runner
     assert runner._head is not None  # every test architecture's logits are its head's output
-    prompts = [chat_prompt(tokenizer, "Name a colour."), chat_prompt(tokenizer, CASES[2][0])]
-    outputs = [output_ids(tokenizer, "Blue is nice."), output_ids(tokenizer, "A dog plays in the park.")]
-    configs = [RefineConfig(keywords=("dog",)), RefineConfig(length_penalty=0.6)]
-    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    state = runner.prompt_state(prompts, [None, None], free_context=True)
-    current = runner.gradient_pass(state, Outputs([0, 1], outputs, configs, texts)).current
-    filler = tokenizer.encode(" dog", add_special_tokens=False)[0]
-    rows = [r for r, o in enumerate(outputs) for _ in candidate_outputs(o, filler)]
-    cands = [c for o in outputs for c in candidate_outputs(o, filler)]
-    candidates = Outputs(rows, cands, [configs[r] for r in rows], [tokenizer.decode(c) for c in cands])
+    state, current, _, candidates = two_outputs_and_their_candidates(runner, tokenizer)
     monkeypatch.setattr(runner, "_head_rows", 3)  # several slices in every pass, the last one short
     sliced = runner.score(state, candidates, current).totals
     monkeypatch.setattr(runner, "_head", None)

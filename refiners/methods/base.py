@@ -52,6 +52,7 @@ class Vocabulary:
             if 0 <= i < vocab_size:
                 allowed[i] = False
         self.allowed = allowed  # (V,)
+        self._allowed_on_host = allowed.tolist()  # read token by token (on a GPU, a sync each)
         self.special_ids = special
         pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
         # A token starts a word when it carries the tokenizer's space marker or is not alphanumeric.
@@ -79,7 +80,7 @@ class Vocabulary:
             for form in inflections(words[-1]):
                 text = " " + " ".join([*words[:-1], form])
                 ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids and all(self.allowed[i] for i in ids):
+                if ids and all(self._allowed_on_host[i] for i in ids):
                     out.append(ids)
             self._forms[keyword] = list(dict.fromkeys(out))
         return self._forms[keyword]

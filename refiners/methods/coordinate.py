@@ -124,7 +124,11 @@ def top_edits(gains: torch.Tensor, k: int) -> list[tuple[float, int, int]]:
     values, flat = row_values.flatten().topk(min(k, row_values.numel()))
     tokens = row_tokens.flatten()[flat]
     rows = torch.div(flat, per_row, rounding_mode="floor")
-    return list(zip(values.tolist(), rows.tolist(), tokens.tolist(), strict=True))
+    # One device->host copy (float64 holds every row and token id exactly).
+    host_values, host_rows, host_tokens = torch.stack(
+        [values.double(), rows.double(), tokens.double()]
+    ).tolist()
+    return [(v, int(i), int(t)) for v, i, t in zip(host_values, host_rows, host_tokens, strict=True)]
 
 
 class CoordinateMethod(RefinementMethod):
@@ -223,44 +227,70 @@ class CoordinateMethod(RefinementMethod):
         spelling per first token at each place (``shortest_spellings``). Estimates are computed for
         every placement at once and only the k kept become proposals (each copies the body: m x
         placements would not fit)."""
-        m, vocab = len(step.body), step.vocab
+        m, vocab, device = len(step.body), step.vocab, step.grad.device
         starts = [vocab.starts_word[t] for t in step.body] + [True]
         boundaries = [i for i in range(1, m + 1) if starts[i]]  # mid-sentence spellings start with a space
         # Spans [i, j) of 1 .. span_words whole words, the first of one token (its first-order change is
-        # read at i; the lookahead then makes the window exact).
-        spans = [
-            (b, i, boundaries[b + w], w)
-            for w in range(1, self.search.span_words + 1)
-            for b, i in enumerate(boundaries[: len(boundaries) - w])
-            if starts[i + 1]
-        ]
-        later = None
+        # read at i; the lookahead then makes the window exact), grouped by the tokens they remove.
+        spans = sorted(
+            (
+                (b, i, boundaries[b + w], w)
+                for w in range(1, self.search.span_words + 1)
+                for b, i in enumerate(boundaries[: len(boundaries) - w])
+                if starts[i + 1]
+            ),
+            key=lambda span: span[2] - span[1],
+        )
+        spellings = vocab.keyword_spellings(phrase)
+        # Every replacement takes the later effect of the first spelling that replaces some span's
+        # first token (one that differs from it).
+        replacing = next((t for t in spellings if any(step.body[i] not in t for _, i, _, _ in spans)), None)
+        later = None if replacing is None else later_gain_of(step, replacing[0])
+        # Indices go to the device in one copy and the estimates come back in one: on a GPU, every
+        # copy of a small tensor is a sync. Per spelling length (an estimate takes one length change),
+        # every spelling of that length is estimated at once: at each boundary, and over each group of
+        # spans that remove as many tokens.
+        starts_at = [i for _, i, _, _ in spans]
+        index = torch.tensor(
+            [*boundaries, *starts_at, *(step.body[i] for i in starts_at)], dtype=torch.long, device=device
+        )
+        at_boundaries, at_spans, old = index.split([len(boundaries), len(spans), len(spans)])
+        removed = [j - i for _, i, j, _ in spans]
+        estimates: list[torch.Tensor] = []
+        entries: list[tuple[tuple[int, int, int], Edit] | None] = []  # what each estimate is (None: none)
+        for n_new in dict.fromkeys(len(t) for t in spellings):
+            same = [s for s, t in enumerate(spellings) if len(t) == n_new]
+            firsts = torch.tensor([spellings[s][0] for s in same], device=device)
+            inserted = step.per_reading(lambda d, v=firsts: d[at_boundaries][:, v])  # (boundaries, spellings)
+            estimates.append(step.estimate(inserted, n_new, phrase).flatten())
+            entries += [
+                ((s, b, 0), Edit("insert", i, (), spellings[s]))
+                for b, i in enumerate(boundaries)
+                for s in same
+            ]
+            if later is None:
+                continue
+            delta = {}
+            for r, d in step.distributions.items():
+                # The span's tokens after its first leave the text, and their log-probabilities S.
+                prefix = step.logprob_prefix_sums[r]
+                dropped = torch.tensor([prefix[j] - prefix[i + 1] for _, i, j, _ in spans], device=device)
+                delta[r] = d[at_spans][:, firsts] - d[at_spans, old][:, None] - dropped[:, None]
+            for length in dict.fromkeys(removed):
+                rows = slice(removed.index(length), len(removed) - removed[::-1].index(length))
+                own = step.estimate({r: v[rows] for r, v in delta.items()}, n_new - length, phrase)
+                estimates.append((own + later[at_spans[rows]][:, None]).flatten())
+                entries += [
+                    ((s, b, w), Edit("replace", i, tuple(step.body[i:j]), spellings[s]))
+                    if step.body[i] not in spellings[s]
+                    else None
+                    for b, i, j, w in spans[rows]
+                    for s in same
+                ]
         # Sorted by estimate; the order the edits were made in breaks ties, as a stable sort would
-        # (words replaced: 0 for an insertion).
-        ranked: list[Placement] = []
-        for s, spelling in enumerate(vocab.keyword_spellings(phrase)):
-            first, n_new = spelling[0], len(spelling)
-            gains = step.estimate(
-                step.per_reading(lambda d, v=first: d[boundaries, v]), n_new, phrase
-            ).tolist()
-            for b, (i, gain) in enumerate(zip(boundaries, gains)):
-                ranked.append((-gain, (s, b, 0), Edit("insert", i, (), spelling)))
-            replaced = [(b, i, j, w) for b, i, j, w in spans if step.body[i] not in spelling]
-            if replaced and later is None:  # the later effect of the first replacing spelling's first token
-                later = later_gain_of(step, first)
-            for removed in sorted({j - i for _, i, j, _ in replaced}):  # one estimate per length change
-                group = [(b, i, j, w) for b, i, j, w in replaced if j - i == removed]
-                at = [i for _, i, _, _ in group]
-                old = torch.tensor([step.body[i] for i in at])
-                delta = {}
-                for r, d in step.distributions.items():
-                    # The span's tokens after its first leave the text, and their log-probabilities S.
-                    prefix = step.logprob_prefix_sums[r]
-                    dropped = [prefix[j] - prefix[i + 1] for _, i, j, _ in group]
-                    delta[r] = d[at, first] - d[at, old] - torch.tensor(dropped, device=d.device)
-                own = step.estimate(delta, n_new - removed, phrase)
-                for (b, i, j, w), gain in zip(group, (own + later[at]).tolist()):
-                    ranked.append((-gain, (s, b, w), Edit("replace", i, tuple(step.body[i:j]), spelling)))
+        # (spelling, boundary, words replaced: 0 for an insertion).
+        gains = torch.cat(estimates).tolist() if estimates else []
+        ranked: list[Placement] = [(-g, *e) for g, e in zip(gains, entries, strict=True) if e is not None]
         ranked.sort(key=lambda r: (r[0], r[1]))
         ranked = shortest_spellings(ranked)
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
