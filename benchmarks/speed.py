@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -242,6 +243,8 @@ class LatencyBench:
         self.generator = BatchGenerator(loaded)
         self.refiner = Refiner(loaded)
         self.compare_hf = compare_hf
+        gc.collect()  # as the server does after start-up (app/service.py): no full collection mid-step
+        gc.freeze()
 
     def _timed(self, fn: Any) -> tuple[float, Any]:
         device = self.loaded.device
@@ -300,6 +303,8 @@ class LatencyBench:
                         "hf_generate_s": mean(hf) if hf else float("nan"),
                         "hf_tokens_per_s": tokens / mean(hf) if hf else float("nan"),
                         "refine_s": mean(ref),
+                        "refine_s_each": ref,
+                        "gradient_s_each": [r.parts[method]["gradient"] for r in runs],
                         **{f"{part}_s": mean([r.parts[method][part] for r in runs]) for part in STEP_PARTS},
                         "ratio": mean(ref) / mean(gen),
                         "ratio_mean_per_request": mean([r / g for r, g in zip(ref, gen, strict=True)]),
