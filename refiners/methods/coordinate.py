@@ -246,10 +246,10 @@ class CoordinateMethod(RefinementMethod):
         # first token (one that differs from it).
         replacing = next((t for t in spellings if any(step.body[i] not in t for _, i, _, _ in spans)), None)
         later = None if replacing is None else later_gain_of(step, replacing[0])
-        # Indices go to the device in one copy and the estimates come back in one: on a GPU, every
-        # copy of a small tensor is a sync. Per spelling length (an estimate takes one length change),
-        # every spelling of that length is estimated at once: at each boundary, and over each group of
-        # spans that remove as many tokens.
+        # The positions go to the device in one copy and every estimate comes back in one (on a GPU
+        # each copy of a small tensor is a sync). Per spelling length (an estimate takes one length
+        # change), every spelling of that length is estimated at once: at each boundary, and over each
+        # group of spans that remove as many tokens.
         starts_at = [i for _, i, _, _ in spans]
         index = torch.tensor(
             [*boundaries, *starts_at, *(step.body[i] for i in starts_at)], dtype=torch.long, device=device
