@@ -131,6 +131,60 @@ def top_edits(gains: torch.Tensor, k: int) -> list[tuple[float, int, int]]:
     return [(v, int(i), int(t)) for v, i, t in zip(host_values, host_rows, host_tokens, strict=True)]
 
 
+def placement_estimates(
+    step: StepInput, phrase: str, boundaries: list[int], spans: list[tuple[int, int, int, int]]
+) -> list[Placement]:
+    """Every placement of the phrase's spellings, inserted at each of ``boundaries`` or replacing each
+    of ``spans`` ((boundary, start, end, words), sorted by end - start), with its first-order estimate.
+
+    The positions go to the device in one copy and every estimate comes back in one (on a GPU each copy
+    of a small tensor is a sync). Per spelling length (an estimate takes one length change), every
+    spelling of that length is estimated at once: at each boundary, and over each group of spans that
+    remove as many tokens."""
+    spellings, device = step.vocab.keyword_spellings(phrase), step.grad.device
+    # Every replacement takes the later effect of the first spelling that replaces some span's first
+    # token (one that differs from it).
+    replacing = next((t for t in spellings if any(step.body[i] not in t for _, i, _, _ in spans)), None)
+    later = None if replacing is None else later_gain_of(step, replacing[0])
+    starts_at = [i for _, i, _, _ in spans]
+    index = torch.tensor(
+        [*boundaries, *starts_at, *(step.body[i] for i in starts_at)], dtype=torch.long, device=device
+    )
+    at_boundaries, at_spans, old = index.split([len(boundaries), len(spans), len(spans)])
+    removed = [j - i for _, i, j, _ in spans]
+    estimates: list[torch.Tensor] = []
+    entries: list[tuple[tuple[int, int, int], Edit] | None] = []  # what each estimate is (None: none)
+    for n_new in dict.fromkeys(len(t) for t in spellings):
+        same = [s for s, t in enumerate(spellings) if len(t) == n_new]
+        firsts = torch.tensor([spellings[s][0] for s in same], device=device)
+        inserted = step.per_reading(lambda d, v=firsts: d[at_boundaries][:, v])  # (boundaries, spellings)
+        estimates.append(step.estimate(inserted, n_new, phrase).flatten())
+        entries += [
+            ((s, b, 0), Edit("insert", i, (), spellings[s])) for b, i in enumerate(boundaries) for s in same
+        ]
+        if later is None:
+            continue
+        delta = {}
+        for r, d in step.distributions.items():
+            # The span's tokens after its first leave the text, and their log-probabilities S.
+            prefix = step.logprob_prefix_sums[r]
+            dropped = torch.tensor([prefix[j] - prefix[i + 1] for _, i, j, _ in spans], device=device)
+            delta[r] = d[at_spans][:, firsts] - d[at_spans, old][:, None] - dropped[:, None]
+        for length in dict.fromkeys(removed):
+            rows = slice(removed.index(length), len(removed) - removed[::-1].index(length))
+            own = step.estimate({r: v[rows] for r, v in delta.items()}, n_new - length, phrase)
+            estimates.append((own + later[at_spans[rows]][:, None]).flatten())
+            entries += [
+                ((s, b, w), Edit("replace", i, tuple(step.body[i:j]), spellings[s]))
+                if step.body[i] not in spellings[s]
+                else None
+                for b, i, j, w in spans[rows]
+                for s in same
+            ]
+    gains = torch.cat(estimates).tolist() if estimates else []
+    return [(-g, *e) for g, e in zip(gains, entries, strict=True) if e is not None]
+
+
 class CoordinateMethod(RefinementMethod):
     """Propose the best single-position replacements, insertions, deletions and keyword edits."""
 
@@ -227,9 +281,8 @@ class CoordinateMethod(RefinementMethod):
         spelling per first token at each place (``shortest_spellings``). Estimates are computed for
         every placement at once and only the k kept become proposals (each copies the body: m x
         placements would not fit)."""
-        m, vocab, device = len(step.body), step.vocab, step.grad.device
-        starts = [vocab.starts_word[t] for t in step.body] + [True]
-        boundaries = [i for i in range(1, m + 1) if starts[i]]  # mid-sentence spellings start with a space
+        starts = [step.vocab.starts_word[t] for t in step.body] + [True]
+        boundaries = [i for i in range(1, len(step.body) + 1) if starts[i]]  # spellings start with a space
         # Spans [i, j) of 1 .. span_words whole words, the first of one token (its first-order change is
         # read at i; the lookahead then makes the window exact), grouped by the tokens they remove.
         spans = sorted(
@@ -241,57 +294,9 @@ class CoordinateMethod(RefinementMethod):
             ),
             key=lambda span: span[2] - span[1],
         )
-        spellings = vocab.keyword_spellings(phrase)
-        # Every replacement takes the later effect of the first spelling that replaces some span's
-        # first token (one that differs from it).
-        replacing = next((t for t in spellings if any(step.body[i] not in t for _, i, _, _ in spans)), None)
-        later = None if replacing is None else later_gain_of(step, replacing[0])
-        # The positions go to the device in one copy and every estimate comes back in one (on a GPU
-        # each copy of a small tensor is a sync). Per spelling length (an estimate takes one length
-        # change), every spelling of that length is estimated at once: at each boundary, and over each
-        # group of spans that remove as many tokens.
-        starts_at = [i for _, i, _, _ in spans]
-        index = torch.tensor(
-            [*boundaries, *starts_at, *(step.body[i] for i in starts_at)], dtype=torch.long, device=device
-        )
-        at_boundaries, at_spans, old = index.split([len(boundaries), len(spans), len(spans)])
-        removed = [j - i for _, i, j, _ in spans]
-        estimates: list[torch.Tensor] = []
-        entries: list[tuple[tuple[int, int, int], Edit] | None] = []  # what each estimate is (None: none)
-        for n_new in dict.fromkeys(len(t) for t in spellings):
-            same = [s for s, t in enumerate(spellings) if len(t) == n_new]
-            firsts = torch.tensor([spellings[s][0] for s in same], device=device)
-            inserted = step.per_reading(lambda d, v=firsts: d[at_boundaries][:, v])  # (boundaries, spellings)
-            estimates.append(step.estimate(inserted, n_new, phrase).flatten())
-            entries += [
-                ((s, b, 0), Edit("insert", i, (), spellings[s]))
-                for b, i in enumerate(boundaries)
-                for s in same
-            ]
-            if later is None:
-                continue
-            delta = {}
-            for r, d in step.distributions.items():
-                # The span's tokens after its first leave the text, and their log-probabilities S.
-                prefix = step.logprob_prefix_sums[r]
-                dropped = torch.tensor([prefix[j] - prefix[i + 1] for _, i, j, _ in spans], device=device)
-                delta[r] = d[at_spans][:, firsts] - d[at_spans, old][:, None] - dropped[:, None]
-            for length in dict.fromkeys(removed):
-                rows = slice(removed.index(length), len(removed) - removed[::-1].index(length))
-                own = step.estimate({r: v[rows] for r, v in delta.items()}, n_new - length, phrase)
-                estimates.append((own + later[at_spans[rows]][:, None]).flatten())
-                entries += [
-                    ((s, b, w), Edit("replace", i, tuple(step.body[i:j]), spellings[s]))
-                    if step.body[i] not in spellings[s]
-                    else None
-                    for b, i, j, w in spans[rows]
-                    for s in same
-                ]
         # Sorted by estimate; the order the edits were made in breaks ties, as a stable sort would
         # (spelling, boundary, words replaced: 0 for an insertion).
-        gains = torch.cat(estimates).tolist() if estimates else []
-        ranked: list[Placement] = [(-g, *e) for g, e in zip(gains, entries, strict=True) if e is not None]
-        ranked.sort(key=lambda r: (r[0], r[1]))
+        ranked = sorted(placement_estimates(step, phrase, boundaries, spans), key=lambda r: (r[0], r[1]))
         ranked = shortest_spellings(ranked)
         return [make_proposal(step, [edit], -neg, phrase) for neg, _, edit in ranked[:k]]
 
