@@ -45,6 +45,7 @@ NO_KERNEL = {
 }
 BACKWARD = "autograd::engine::evaluate_function"
 MODEL = "model.forward"
+OUTSIDE = "outside the parts"  # refine()'s own work between them
 TABLE = [
     Column("part", "part"),
     Column("wall_ms", "wall ms", ".1f"),
@@ -80,8 +81,9 @@ def _where(event: Any, cuda: bool) -> tuple[str, str, str]:
         if op is None and name.startswith("aten::"):
             op = name
         parent = parent.cpu_parent
-    # On a GPU the backward runs on autograd's device thread, outside every label: the gradient's.
-    return part or "gradient", where if part else "backward", op or event.name
+    if part is None:  # on a GPU the backward runs on autograd's device thread, outside every label
+        part = "gradient" if where == "backward" else OUTSIDE
+    return part, where, op or event.name
 
 
 def count(events: Any, cuda: bool) -> dict[str, collections.Counter]:
@@ -162,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     totals = profile_steps(refiner, requests, cuda)
     n = len(requests)
     rows = []
-    for part in STEP_PARTS:
+    for part in [*STEP_PARTS, *(p for p in totals if p not in STEP_PARTS)]:
         t = totals[part]
         own = collections.Counter({op: k for op, k in t.items() if op.startswith("aten::")})
         rows.append(
             {
                 "part": part,
-                "wall_ms": 1000 * statistics.median([getattr(r, f"{part}_seconds") for r in timed]),
+                "wall_ms": 1000 * statistics.median([getattr(r, f"{part}_seconds") for r in timed])
+                if part in STEP_PARTS
+                else None,
                 "model_launches": round(t["<model>"] / n),
                 "backward_launches": round(t["<backward>"] / n),
                 "refiner_launches": round(sum(own.values()) / n),
