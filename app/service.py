@@ -122,8 +122,9 @@ class Service:
             engine = _engine(s, loaded, refiner, torch_thread)
             await torch_thread.run(engine.warm_up)
             # Start-up leaves some 340,000 long-lived objects (torch, transformers, the vocabulary's
-            # tables); a full garbage collection walks them all, 0.2-0.3 s in the middle of whichever
-            # request's step triggers it. Frozen, they are never walked again (gc.freeze's own use case).
+            # tables); a full garbage collection walks them all (0.2 s on the 2-core CPU) in whichever
+            # request's step triggers it. Frozen, they are never walked again. On a GPU a 0.33-0.38 s
+            # stall of one request's gradient pass went away with this (README, fifth GPU session).
             gc.collect()
             gc.freeze()
             engine.start()
