@@ -195,6 +195,14 @@ def hf_greedy(
     return out[:, ids.shape[1] :].tolist()
 
 
+def freeze_start_up_objects() -> None:
+    """What the server does once ready (app/service.py): the objects loading left are collected once
+    and frozen, so no full garbage collection walks them in the middle of a timed step. For a
+    benchmark's own process only (a library call must not change the collector for its caller)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -243,8 +251,6 @@ class LatencyBench:
         self.generator = BatchGenerator(loaded)
         self.refiner = Refiner(loaded)
         self.compare_hf = compare_hf
-        gc.collect()  # as the server does after start-up (app/service.py): no full collection mid-step
-        gc.freeze()
 
     def _timed(self, fn: Any) -> tuple[float, Any]:
         device = self.loaded.device
@@ -953,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_arch(args.arch, args.device, args.tokenizer)
         warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
         bench = LatencyBench(loaded, args.methods, items[: args.requests], compare_hf=not args.no_hf)
+        freeze_start_up_objects()
         rows = bench.run(args.lengths, warmup=warmup, arch=args.arch)
         result["latency"] = {
             "settings": {
@@ -1007,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             local = LatencyBench(
                 load_arch(args.arch, args.device, args.tokenizer), ["coordinate"], items[:n], False
             )
+            freeze_start_up_objects()
             rows = run_server_latency(
                 texts[:n], [it.concepts for it in items[:n]], args.lengths, model, args.device, local
             )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.commongen import load_concept_sets, prompt_ids
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, write_json
-from benchmarks.speed import ARCHS, STEP_PARTS, exact_length, load_arch
+from benchmarks.speed import ARCHS, STEP_PARTS, exact_length, freeze_start_up_objects, load_arch
 from refiners import RefineConfig, Refiner, RefineRequest
 from refiners.generation import BatchGenerator
 
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device == "cuda"
     loaded = load_arch(args.arch, args.device, args.tokenizer)
     generator, refiner = BatchGenerator(loaded), Refiner(loaded)
-    gc.collect()  # as the server does after start-up (app/service.py)
-    gc.freeze()
+    freeze_start_up_objects()
     requests = []
     for item in load_concept_sets(args.requests + 1):
         prompt = prompt_ids(loaded.tokenizer, item)

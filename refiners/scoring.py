@@ -98,11 +98,11 @@ class PromptState:
 
         mask = left_pad([r.mask for r in rows], 1)
         next_logprobs = torch.cat([r.next_logprobs for r in rows]).clone()
+        # One stacked tensor when every row stacks, over its mask's positions, in one shape but those.
         per_row = [r.stacked if r.stacked is not None else stack_layers(r.kv) for r in rows]
-        if all(s is not None and s.shape[4] == r.mask.shape[1] for s, r in zip(per_row, rows)) and (
-            len({s.shape[:4] + s.shape[5:] for s in per_row if s is not None}) == 1
-        ):
-            stacked = left_pad([s for s in per_row if s is not None], 4, rows_dim=2)
+        stackable = [s for s, r in zip(per_row, rows) if s is not None and s.shape[4] == r.mask.shape[1]]
+        if len(stackable) == len(rows) and len({s.shape[:4] + s.shape[5:] for s in stackable}) == 1:
+            stacked = left_pad(stackable, 4, rows_dim=2)
             return PromptState(layers_of(stacked), mask, mask.sum(-1), next_logprobs, stacked=stacked)
         kv = [
             (left_pad([r.kv[layer][0] for r in rows], 2), left_pad([r.kv[layer][1] for r in rows], 2))
@@ -743,12 +743,7 @@ def cache_over(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     cache = DynamicCache()
     for k, v in kv:  # what DynamicLayer.update's first call sets, without its copy (transformers 4.57)
         layer = DynamicLayer()
-        layer.dtype, layer.device, layer.keys, layer.values, layer.is_initialized = (
-            k.dtype,
-            k.device,
-            k,
-            v,
-            True,
-        )
+        layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
+        layer.keys, layer.values = k, v
         cache.layers.append(layer)
     return cache
