@@ -800,9 +800,9 @@ class Engine:
         assert p.job.refine is not None
         if p.job.output_ids is not None:  # the client sent the output to refine
             return RefineRequest(p.job.prompt_ids, list(p.job.output_ids), p.job.refine)
-        return RefineRequest(
-            p.job.prompt_ids, list(outputs[0].token_ids), p.job.refine, outputs[0].prompt_cache
-        )
+        # The refined text ends at the request's stop sequences as the generated one does.
+        config = replace(p.job.refine, stop=p.job.params.stop)
+        return RefineRequest(p.job.prompt_ids, list(outputs[0].token_ids), config, outputs[0].prompt_cache)
 
     @staticmethod
     def _record(result: JobResult) -> None:

@@ -103,7 +103,7 @@ class QualitySettings:
 
     def refine_config(self, item: ConceptSet, method: str) -> RefineConfig:
         extra = {"candidates": self.candidates} if self.candidates else {}
-        return RefineConfig(method=method, keywords=item.concepts, **extra)
+        return RefineConfig(method=method, keywords=item.concepts, stop=self.stop, **extra)
 
     def params(self, initial: str, seed: int) -> SamplingParams:
         if initial == "greedy":

@@ -48,6 +48,8 @@ class RefineConfig:
             the mean embedding norm.
         reference: a text the output should come closer to (reference term); None disables it.
         avoid: words or short phrases the output must not contain (avoid term; matched like keywords).
+        stop: the stop sequences the output was generated with. Only its last token may complete one
+            (where generation would have stopped), and the texts end after it, as generation's does.
     """
 
     method: str = "coordinate"
@@ -60,9 +62,11 @@ class RefineConfig:
     step_size: float = 1.0
     reference: str | None = None
     avoid: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.keywords = tuple(k.strip() for k in self.keywords if k and k.strip())
+        self.stop = tuple(s for s in self.stop if s)
         self.avoid = tuple(a.strip() for a in self.avoid if a and a.strip())
         if self.method not in METHODS:
             raise InvalidRequestError(

@@ -137,6 +137,13 @@ class GenerationOutput:
     prompt_cache: PromptState | None = None
 
 
+def end_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` up to the earliest end of any stop sequence in it, the sequence kept (as in TGI); None
+    when it holds none. A token can complete a stop sequence mid-token: the rest of it is cut."""
+    ends = [text.find(s) + len(s) for s in stop if s and s in text]
+    return text[: min(ends)] if ends else None
+
+
 @dataclass(eq=False)
 class _Row:
     """Decoding state of one prompt while it is in the batch."""
@@ -364,11 +371,11 @@ class BatchGenerator:
         if token in self.eos_token_ids:
             return FINISH_EOS
         if row.params.stop:
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-            # Stop at the earliest end of any stop sequence; a token can complete one mid-token.
-            ends = [text.find(s) + len(s) for s in row.params.stop if s in text]
-            if ends:
-                row.text = text[: min(ends)]
+            text = end_at_stop(
+                self.tokenizer.decode(row.token_ids, skip_special_tokens=True), row.params.stop
+            )
+            if text is not None:
+                row.text = text
                 return FINISH_STOP
         if len(row.token_ids) >= row.budget:
             return FINISH_LENGTH

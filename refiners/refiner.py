@@ -24,6 +24,7 @@ import torch
 
 from refiners.config import RefineConfig
 from refiners.cost import CostModel
+from refiners.generation import end_at_stop
 from refiners.lookahead import Lookahead
 from refiners.methods import METHODS
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, Vocabulary
@@ -131,6 +132,15 @@ class Refiner:
         tail = output_ids[-1:] if output_ids and output_ids[-1] in self.eos_ids else []
         text = self.vocab.decode(output_ids[: len(output_ids) - len(tail)])
         return self.tokenizer.encode(text, add_special_tokens=False), tail, text
+
+    def _stops_early(self, body: list[int], stop: tuple[str, ...]) -> bool:
+        """Whether a stop sequence ends before the body's last token: generation would have ended there."""
+        return bool(stop) and end_at_stop(self.vocab.decode(body[:-1]), stop) is not None
+
+    @staticmethod
+    def _shown(text: str, stop: tuple[str, ...]) -> str:
+        """The text a client gets: cut after a stop sequence, as generation cuts its own."""
+        return end_at_stop(text, stop) or text
 
     # -- public API -----------------------------------------------------------------------------
     def score(
@@ -249,6 +259,7 @@ class Refiner:
             for j, props in enumerate(proposals)
             for p in props
             if self.vocab.round_trips(p.body)
+            and not self._stops_early(p.body, steps[j].config.stop)
             and self.objective.allows(steps[j], text := self.vocab.decode(p.body))
         ]
         scored: list[list[tuple[Proposal, float, dict[str, float]]]] = [[] for _ in proposals]
@@ -324,8 +335,8 @@ class Refiner:
             method=t.config.method,
             initial_ids=t.initial_ids,
             refined_ids=t.body + t.tail,
-            initial_text=self.vocab.decode(t.initial_ids),
-            refined_text=t.text,
+            initial_text=self._shown(self.vocab.decode(t.initial_ids), t.config.stop),
+            refined_text=self._shown(t.text, t.config.stop),
             objective_before=t.before,
             objective_after=t.report,
             edits=t.edits,

@@ -151,6 +151,25 @@ def test_refinement_is_batched_and_matches_refining_alone(loaded, refiner, make_
     assert metric("refiner_refinement_duration_seconds_count", method="coordinate") >= 2
 
 
+def test_a_refined_answer_ends_at_the_stop_sequence_as_the_generated_one_does(loaded, make_engine):
+    tok, prompt = loaded.tokenizer, encode(loaded, "Tell me about cats")
+    full = alone(loaded, prompt, SamplingParams(max_new_tokens=8)).token_ids
+    # A stop of one character that ends inside a longer token: generation's text is cut after it.
+    k, stop = next(
+        (k, new[0])
+        for k in range(len(full))
+        if len(new := tok.decode(full[: k + 1])[len(before := tok.decode(full[:k])) :]) > 1
+        and new[0] not in before
+    )
+    params = SamplingParams(max_new_tokens=8, stop=(stop,))
+    result = asyncio.run(make_engine().submit(Job(prompt, params, REFINE)))
+    assert result.generation is not None and result.refinement is not None
+    assert result.generation.token_ids == full[: k + 1]
+    assert result.refinement.initial_text == result.generation.text
+    # The refined text may end on another token, never go on past the stop.
+    assert stop not in result.text[:-1]
+
+
 def test_job_with_output_ids_skips_generation(loaded, refiner, make_engine):
     engine = make_engine()
     prompt, output = encode(loaded, "Write about a dog"), encode(loaded, " The dog runs in the park")[1:]

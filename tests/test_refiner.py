@@ -259,6 +259,26 @@ def test_heavily_weighted_missing_keyword_gets_inserted(suite, tokenizer, method
     assert rescored["total"] == pytest.approx(result.objective_after["total"], abs=TOL)
 
 
+def test_only_the_last_token_may_complete_a_stop_sequence_and_texts_end_after_it(suite, tokenizer) -> None:
+    prompt = chat_prompt(
+        tokenizer, "Write one short sentence that uses all of these words: dog, frisbee, park."
+    )
+    keyword = RefineConfig(candidates=12, keywords=("frisbee",), weights={"keywords": 100.0})
+    output = output_ids(tokenizer, "A dog plays in the park with a ball.")
+    # The stop is the keyword itself: generation would have ended at it, so it may only come last.
+    [result] = suite.refiner.refine([RefineRequest(prompt, output, replace(keyword, stop=("frisbee",)))])
+    body, _ = split_eos(result.refined_ids, eos_id(tokenizer))
+    assert "frisbee" not in tokenizer.decode(body[:-1])
+    assert "frisbee" not in result.refined_text or result.refined_text.endswith("frisbee")
+    # An output whose last token, "\n\n", completed the stop "\n": the texts end after the first
+    # newline, as generation's text does, and the token stays.
+    newline = output_ids(tokenizer, "A dog plays in the park.\n\n", eos=False)
+    [cut] = suite.refiner.refine([RefineRequest(prompt, newline, replace(keyword, stop=("\n",)))])
+    assert cut.initial_text == "A dog plays in the park.\n"
+    full = tokenizer.decode(cut.refined_ids, skip_special_tokens=True)
+    assert cut.refined_text == (full[: full.index("\n") + 1] if "\n" in full else full)
+
+
 class ConfidentEnding(ObjectiveTerm):
     """A custom differentiable term: the log-probability of the output's last token (its EOS)."""
 
