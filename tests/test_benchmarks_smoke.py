@@ -224,11 +224,16 @@ def test_report_table_prints_missing_values_as_dashes():
 def test_sweep_compares_search_configs_on_the_same_outputs(tiny):
     from benchmarks import sweep
 
-    settings = {"defaults": {}, "longer lookahead": {"lookahead_tokens": 3}}
+    settings = {
+        "defaults": {},
+        "longer lookahead": {"lookahead_tokens": 3},
+        "request": {"weights": {"fluency": 1.0}, "candidates": 4},
+    }
     rows = sweep.run(tiny, load_concept_sets(2), settings, max_new_tokens=6)
-    assert [r["setting"] for r in rows] == ["defaults", "longer lookahead"]
+    assert [r["setting"] for r in rows] == ["defaults", "longer lookahead", "request"]
     assert rows[0]["coverage_before"] == rows[1]["coverage_before"]  # one initial output per item
     assert all(r["prompts"] == 2 and r["objective_gain_mean"] >= 0 and r["refine_s_mean"] > 0 for r in rows)
+    assert all(math.isfinite(r["own_ppl_change_pct"]) for r in rows)
     assert "longer lookahead" in markdown_table(rows, sweep.TABLE)
     with pytest.raises(SystemExit, match="no_such_field"):
         sweep.run(tiny, load_concept_sets(1), {"bad": {"no_such_field": 1}}, max_new_tokens=4)

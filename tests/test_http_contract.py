@@ -145,7 +145,7 @@ def test_details_tokens_prefill_and_full_text(client: httpx.Client):
     assert len(truncated["details"]["prefill"]) == 3
 
 
-# Weights none of the defaults has (logprob 1, fluency 0.5, length 1, keywords 3).
+# Weights none of the defaults has (logprob 1, fluency 0.75, length 1, keywords 3).
 WEIGHTS = {"logprob": 0.7, "fluency": 0.3, "length": 1.5, "keywords": 2.0}
 
 

@@ -177,7 +177,7 @@ def test_valid_config_defaults_and_keyword_cleanup() -> None:
 def test_default_weights_live_on_the_term_classes() -> None:
     assert DEFAULT_WEIGHTS == {
         "logprob": 1.0,
-        "fluency": 0.5,
+        "fluency": 0.75,
         "length": 1.0,
         "keywords": 3.0,
         "avoid": 3.0,
@@ -190,7 +190,7 @@ def test_default_weights_live_on_the_term_classes() -> None:
     config = RefineConfig(keywords=("dog",), target_length=4)
     # avoid: no words to avoid, so inactive; reference: needs a model's embeddings, so left out here
     assert [t.name for t in objective.terms][4:] == ["avoid", "prompt_coverage", "custom"]
-    assert [objective.weight(t, config) for t in objective.terms] == [1.0, 0.5, 1.0, 3.0, 0.0, 0.0, 5.0]
+    assert [objective.weight(t, config) for t in objective.terms] == [1.0, 0.75, 1.0, 3.0, 0.0, 0.0, 5.0]
     overridden = RefineConfig(keywords=("dog",), weights={"custom": 0.0, "keywords": 7.0})
     weights = {t.name: objective.weight(t, overridden) for t in objective.terms}
     assert (weights["custom"], weights["keywords"], weights["length"]) == (0.0, 7.0, 0.0)  # length: no target
