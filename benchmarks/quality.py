@@ -45,7 +45,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class QualitySettings:
         best_of: N of the best_of condition; None = chosen from the measured times (see module doc).
         candidates: candidates per refinement step (None = ``RefineConfig`` default).
         stop: stop sequences of every generation (a base model's prompt ends its line).
+        weights: term weights that differ from the defaults (to compare a change of defaults).
     """
 
     methods: tuple[str, ...] = tuple(METHODS)
@@ -100,10 +101,13 @@ class QualitySettings:
     best_of: int | None = None
     candidates: int | None = None
     stop: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
 
     def refine_config(self, item: ConceptSet, method: str) -> RefineConfig:
         extra = {"candidates": self.candidates} if self.candidates else {}
-        return RefineConfig(method=method, keywords=item.concepts, stop=self.stop, **extra)
+        return RefineConfig(
+            method=method, keywords=item.concepts, stop=self.stop, weights=self.weights, **extra
+        )
 
     def params(self, initial: str, seed: int) -> SamplingParams:
         if initial == "greedy":
@@ -385,7 +389,7 @@ def _settings_key(settings: QualitySettings) -> dict[str, Any]:
         "methods": list(settings.methods),
         "max_new_tokens": settings.max_new_tokens,
         "candidates": settings.candidates or RefineConfig().candidates,
-        "weights": dict(DEFAULT_WEIGHTS),
+        "weights": {**DEFAULT_WEIGHTS, **settings.weights},
     }
 
 
@@ -474,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--candidates", type=int, default=None, help="per refinement step (default: config's)"
     )
+    parser.add_argument(
+        "--weights", type=json.loads, default={}, help="JSON term weights, e.g. '{\"fluency\": 0.5}'"
+    )
     parser.add_argument("--best-of", type=int, default=None, help="fix N instead of matching the time")
     parser.add_argument("--data", type=Path, default=None, help="CommonGen dev.jsonl (default: shared data)")
     parser.add_argument(
@@ -503,6 +510,7 @@ def run_model(args: argparse.Namespace, model: str, items: list[ConceptSet]) -> 
         max_new_tokens=args.max_new_tokens,
         best_of=args.best_of,
         candidates=args.candidates,
+        weights=args.weights,
         stop=() if loaded.tokenizer.chat_template else PLAIN_STOP,
     )
     judge_name, judge_holder = judge_of(model), {}
