@@ -104,14 +104,16 @@ def run(
     for item in items:
         seconds, initial_text, refined = measure(item)
         generate_s += seconds
-        coverage_before += coverage(item.concepts, initial_text)
-        every_before += coverage(item.concepts, initial_text) == 1
+        before = coverage(item.concepts, initial_text)
+        coverage_before += before
+        every_before += before == 1
         texts["initial"].append(initial_text)
         for name, (refine_s, res) in refined.items():
             s = sums[name]
             s["refine"] += refine_s
-            s["coverage"] += coverage(item.concepts, res.refined_text)
-            s["every"] += coverage(item.concepts, res.refined_text) == 1
+            after = coverage(item.concepts, res.refined_text)
+            s["coverage"] += after
+            s["every"] += after == 1
             s["fluency"] += res.objective_after.get("fluency", 0.0) - res.objective_before.get("fluency", 0.0)
             s["objective"] += res.objective_after["total"] - res.objective_before["total"]
             s["changed"] += res.refined_ids != res.initial_ids
