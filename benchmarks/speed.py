@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlamaConfig
 
@@ -54,6 +55,7 @@ from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids, prom
 from benchmarks.report import (
     RESULTS_DIR,
     Column,
+    bootstrap_interval,
     markdown_table,
     mean,
     percentile,
@@ -758,12 +760,14 @@ def run_server_latency(
     model: str | None = None,
     device: str = "cpu",
     local: LatencyBench | None = None,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """Through ``refiner serve``, one request at a time: each prompt plain, then refined (keywords = its
-    concepts), at exactly each length (``min_new_tokens``). Reports the client's wall times and the
-    times the server reports in ``details.refinement``. With ``local`` (a bench over the same concept
-    sets, in this process), each prompt is also generated and refined in process right after its
-    server requests, so the server and the process are compared in one run, on one machine state."""
+    concepts), at exactly each length (``min_new_tokens``), ``repeats`` times over. Reports the client's
+    wall times and the times the server reports in ``details.refinement``. With ``local`` (a bench over
+    the same concept sets, in this process), each prompt is also generated and refined in process just
+    before or after its server requests (in turn), so the server and the process are compared in one
+    run, on one machine state, pair by pair."""
     import httpx
 
     env = {"REFINER_MAX_NEW_TOKENS": str(max(lengths)), "REFINER_REQUEST_TIMEOUT_S": "900"}
@@ -797,12 +801,17 @@ def run_server_latency(
                 if local is not None:
                     local.time_request(local.items[0], length)
                 runs, here = [], []
-                for i, (text, words) in enumerate(zip(texts, concepts, strict=True)):
-                    plain_s, _ = post(text, words, length, False)
-                    refined_s, details = post(text, words, length, True)
-                    runs.append((plain_s, refined_s, details["generated_tokens"], details["refinement"]))
-                    if local is not None:
-                        here.append(local.time_request(local.items[i], length))
+                for rep in range(repeats):
+                    for i, (text, words) in enumerate(zip(texts, concepts, strict=True)):
+                        # Alternate which side goes first, so neither always follows the other's work.
+                        local_first = local is not None and (i + rep) % 2 == 1
+                        if local_first:
+                            here.append(local.time_request(local.items[i], length))
+                        plain_s, _ = post(text, words, length, False)
+                        refined_s, details = post(text, words, length, True)
+                        runs.append((plain_s, refined_s, details["generated_tokens"], details["refinement"]))
+                        if local is not None and not local_first:
+                            here.append(local.time_request(local.items[i], length))
                 reports = [r[3] for r in runs]
                 row = {
                     "target_tokens": length,
@@ -826,6 +835,7 @@ def run_server_latency(
                         row["server_generate_s"] / row["in_process_generate_s"]
                     )
                     row["server_over_in_process_refine"] = row["server_refine_s"] / row["in_process_refine_s"]
+                    row.update(paired_ratios(reports, here))
                 rows.append(row)
                 log.info(
                     "server %d tokens: plain %.3f s, refined %.3f s (%.2fx); refine/generate %.2f",
@@ -842,6 +852,26 @@ def run_server_latency(
     return rows
 
 
+def paired_ratios(reports: Sequence[dict[str, Any]], here: Sequence[Timing]) -> dict[str, float]:
+    """Server over in-process time of the same prompt's step and generation, pair by pair: the median
+    ratio and its 95% bootstrap interval (one request's noise is 5-15% on this CPU, so a ratio of sums
+    over a few requests could not say whether the two differ by 5%)."""
+    out: dict[str, float] = {}
+    for part, server_key, local_time in (
+        ("refine", "refine_seconds", lambda t: t.refine_s["coordinate"]),
+        ("generate", "generate_seconds", lambda t: t.generate_s),
+    ):
+        ratios = [r[server_key] / local_time(t) for r, t in zip(reports, here, strict=True)]
+        out[f"paired_{part}_ratios"] = ratios
+        out.update(median_interval(ratios, f"paired_{part}"))
+    return out
+
+
+def median_interval(ratios: Sequence[float], name: str) -> dict[str, float]:
+    low, high = bootstrap_interval(ratios, np.median)
+    return {f"{name}_median": float(np.median(ratios)), f"{name}_low": low, f"{name}_high": high}
+
+
 SERVER_TABLE = [
     Column("target_tokens", "tokens"),
     Column("requests", "n"),
@@ -855,6 +885,10 @@ SERVER_TABLE = [
     Column("in_process_refine_s", "in-process refine s", ".3f"),
     Column("server_over_in_process_refine", "server/in-process refine", ".2f"),
     Column("server_over_in_process_generate", "server/in-process generate", ".2f"),
+    Column("paired_refine_median", "paired refine median", ".3f"),
+    Column("paired_refine_low", "low", ".3f"),
+    Column("paired_refine_high", "high", ".3f"),
+    Column("paired_generate_median", "paired generate median", ".3f"),
 ]
 
 
@@ -903,6 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS), help="output tokens")
     parser.add_argument(
         "--requests", type=int, default=3, help="latency and server: requests (prompts) per length"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="server: times each prompt is sent (and run in process)"
     )
     parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
     parser.add_argument(
@@ -1016,12 +1053,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             freeze_start_up_objects()
             rows = run_server_latency(
-                texts[:n], [it.concepts for it in items[:n]], args.lengths, model, args.device, local
+                texts[:n],
+                [it.concepts for it in items[:n]],
+                args.lengths,
+                model,
+                args.device,
+                local,
+                args.repeats,
             )
             del local
-            result["server"] = {"settings": {"lengths": args.lengths, "requests": n}, "rows": rows}
+            result["server"] = {
+                "settings": {"lengths": args.lengths, "requests": n, "repeats": args.repeats},
+                "rows": rows,
+            }
             print(f"\nOne request at a time through the HTTP server ({args.arch}, {args.device})\n")
             print(markdown_table(rows, SERVER_TABLE))
+            # The worker thread's cost, if any, is a share of the step: pool every length's pairs.
+            pooled = median_interval([x for r in rows for x in r["paired_refine_ratios"]], "pooled")
+            result["server"]["pooled_refine_ratio"] = pooled
+            print(
+                "\nserver/in-process step, all pairs: median {pooled_median:.3f} [{pooled_low:.3f}, "
+                "{pooled_high:.3f}]".format(**pooled)
+            )
         if args.part in ("throughput", "all"):
             run_throughput_part(args, result, out, texts, [it.concepts for it in items], model)
 

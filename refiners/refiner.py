@@ -30,6 +30,7 @@ from refiners.methods import METHODS
 from refiners.methods.base import Proposal, RefinementMethod, StepInput, Vocabulary
 from refiners.models import LoadedModel
 from refiners.objective import Objective, ObjectiveTerm, default_terms
+from refiners.packed import PackedLinear
 from refiners.result import RefineResult
 from refiners.scoring import (
     Checkpoint,
@@ -121,7 +122,11 @@ class Refiner:
         # Gemma multiplies the looked-up rows by sqrt(d) inside its embedding module: the methods work
         # in the table's own scale, so the pass's embeddings are divided by it and gradients multiplied.
         self.embed_scale = float(getattr(embeddings, "embed_scale", 1.0))
-        self.vocab = Vocabulary(loaded.tokenizer, embeddings.weight.detach())
+        head = loaded.model.get_output_embeddings()
+        tied = isinstance(head, PackedLinear) and head.weight is embeddings.weight and head.bias is None
+        # The methods' (m, V) gains multiply by the embedding table; a tied head's packed copy of it
+        # does that 3-6x faster on a CPU than a plain matmul (Gemma: 29 against 180 ms at 9 rows).
+        self.vocab = Vocabulary(loaded.tokenizer, embeddings.weight.detach(), head if tied else None)
         self.methods: dict[str, RefinementMethod] = {
             name: method(self.search) for name, method in METHODS.items()
         }

@@ -137,6 +137,19 @@ def test_latency_bench_forces_the_output_length(tiny, tmp_path):
     assert plot_latency(tmp_path / "l.png", rows, "smoke").stat().st_size > 0
 
 
+def test_server_and_in_process_times_are_compared_pair_by_pair():
+    here = [speed.Timing(g, None, 8, {"coordinate": r}, {}, [], {}) for g, r in [(1, 2), (2, 1), (4, 4)]]
+    reports = [
+        {"generate_seconds": 1.1, "refine_seconds": 2.2},
+        {"generate_seconds": 2.2, "refine_seconds": 1.0},
+    ]
+    reports.append({"generate_seconds": 4.4, "refine_seconds": 4.2})
+    ratios = speed.paired_ratios(reports, here)
+    assert ratios["paired_generate_median"] == pytest.approx(1.1)
+    assert ratios["paired_refine_median"] == pytest.approx(1.05)  # of 1.1, 1.0 and 1.05
+    assert ratios["paired_refine_low"] <= 1.05 <= ratios["paired_refine_high"]
+
+
 def test_step_batch_times_each_batch_size_and_its_parts(tiny):
     items = load_concept_sets(2)
     prompts = [prompt_ids(tiny.tokenizer, it) for it in items]

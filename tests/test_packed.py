@@ -73,3 +73,17 @@ def test_a_packed_model_keeps_its_parameters_tied_weights_and_outputs() -> None:
         (g,) = torch.autograd.grad(model(inputs_embeds=e).logits.log_softmax(-1)[..., 7].sum(), e)
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_methods_multiply_by_the_embedding_table_through_a_tied_packed_head() -> None:
+    from refiners import Refiner
+
+    loaded = tiny_llama(embedded_tokenizer())
+    untied = Refiner(loaded).vocab
+    loaded.model.lm_head.weight = loaded.model.model.embed_tokens.weight
+    tied = Refiner(loaded).vocab
+    assert untied._table_product is None and tied._table_product is loaded.model.lm_head
+    x = torch.randn(5, loaded.model.config.hidden_size)
+    with torch.no_grad():
+        for vocab in (untied, tied):
+            torch.testing.assert_close(vocab.times_table(x), x @ vocab.embedding.T, rtol=1e-5, atol=1e-5)

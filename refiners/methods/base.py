@@ -35,9 +35,15 @@ class Vocabulary:
     past the tokenizer's vocabulary (padding rows of the embedding matrix).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, embedding: torch.Tensor) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        embedding: torch.Tensor,
+        table_product: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.embedding = embedding  # (V, d), the model's input embedding matrix
+        self._table_product = table_product
         vocab_size = embedding.shape[0]
         allowed = torch.zeros(vocab_size, dtype=torch.bool, device=embedding.device)
         allowed[: min(len(tokenizer), vocab_size)] = True
@@ -61,6 +67,11 @@ class Vocabulary:
             for p in (pieces + [""] * (vocab_size - len(pieces)))
         ]
         self._forms: dict[str, list[tuple[int, ...]]] = {}
+
+    def times_table(self, x: torch.Tensor) -> torch.Tensor:
+        """(m, V) products ``x @ E.T`` of m vectors with every token's embedding (``table_product``
+        when given: a tied head's packed weight is this table, and its product is faster)."""
+        return self._table_product(x) if self._table_product is not None else x @ self.embedding.T
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

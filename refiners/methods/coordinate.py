@@ -46,7 +46,7 @@ def later_gains(step: StepInput) -> torch.Tensor:
     """(m, V) first-order effect on later tokens of writing token v at position i:
     (E[v] - E[y_i]) . dJ/de_i."""
     current = (step.grad * step.embeds).sum(-1, keepdim=True)  # (m, 1)
-    return torch.addmm(-current, step.grad, step.vocab.embedding.T)  # one pass over the (m, V) result
+    return step.vocab.times_table(step.grad).sub_(current)
 
 
 def later_gain_of(step: StepInput, token: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ def project(step: StepInput, embeds: torch.Tensor) -> list[int]:
     """Nearest allowed token (L2) for each row of ``embeds`` (m, d)."""
     table = step.vocab.embedding
     # |E_v - e|^2 = |E_v|^2 - 2 E_v . e + |e|^2; the last term does not change the argmin.
-    distance = (table * table).sum(-1)[None] - 2 * embeds @ table.T  # (m, V)
+    distance = (table * table).sum(-1)[None] - 2 * step.vocab.times_table(embeds)  # (m, V)
     distance[:, ~step.vocab.allowed] = float("inf")
     return distance.argmin(-1).tolist()
 
