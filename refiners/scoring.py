@@ -509,7 +509,10 @@ class ModelRunner:
         if self._head is not None:
             body, head = self._head
             out = body(**inputs)
-            later = self._picked_logprobs(head, out.last_hidden_state[:, :-1], new_ids[:, 1:])
+            # Only positions inside their own suffix go through the head: shorter suffixes are padded
+            # to the pass's longest, and a padded row costs a 262k-wide head as much as a real one.
+            inside = steps[1:] < suffix_lengths[:, None]
+            later = self._picked_logprobs(head, out.last_hidden_state[:, :-1], new_ids[:, 1:], inside)
         else:
             skip_last = {"logits_to_keep": steps[:-1]} if self._picks_logits else {}
             out = self.model(**inputs, **skip_last)
@@ -529,17 +532,18 @@ class ModelRunner:
         return _Forward(token_logprobs[:, :width] * mask, per_position)
 
     def _picked_logprobs(
-        self, head: torch.nn.Module, hidden: torch.Tensor, picked: torch.Tensor
+        self, head: torch.nn.Module, hidden: torch.Tensor, picked: torch.Tensor, inside: torch.Tensor
     ) -> torch.Tensor:
-        """log p(picked) at every position of ``hidden`` (C, L, d), the head run on ``_head_rows``
-        positions at a time: the same numbers as one (C, L, V) head, without its memory."""
-        flat, ids = hidden.reshape(-1, hidden.shape[-1]), picked.reshape(-1, 1)
-        result = torch.empty(ids.shape[0], device=hidden.device)
+        """log p(picked) at the positions of ``hidden`` (C, L, d) where ``inside`` (C, L) holds (0
+        elsewhere), the head run on ``_head_rows`` positions at a time: the same numbers as one
+        (C, L, V) head, without its memory."""
+        flat, ids = hidden[inside], picked[inside][:, None]
+        values = torch.empty(ids.shape[0], device=hidden.device)
         for i in range(0, ids.shape[0], self._head_rows):
             logits = head(flat[i : i + self._head_rows]).float()
             j = i + logits.shape[0]
-            result[i:j] = logits.gather(-1, ids[i:j]).squeeze(-1) - logits.logsumexp(-1)
-        return result.view(picked.shape)
+            values[i:j] = logits.gather(-1, ids[i:j]).squeeze(-1) - logits.logsumexp(-1)
+        return torch.zeros(picked.shape, device=hidden.device).masked_scatter_(inside, values)
 
     def _past(
         self,
