@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from app.cli import build_parser, main, settings_from_args
+from app.cli import build_parser, main, settings_from_args, tcmalloc_environment
 
 
 def test_options_override_environment(monkeypatch):
@@ -43,3 +49,40 @@ def test_generator_option_overrides_the_environment(monkeypatch):
 def test_invalid_generator_exits_with_status_2(spec, capsys):
     assert main(["serve", "--generator", spec]) == 2
     assert "PROTOCOL:URL" in capsys.readouterr().err
+
+
+def test_tcmalloc_is_added_to_the_preload_once(monkeypatch):
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: f"lib{name}.so.4")
+    assert tcmalloc_environment({"PATH": "/bin"}) == {
+        "PATH": "/bin",
+        "LD_PRELOAD": "libtcmalloc_minimal.so.4",
+    }
+    assert tcmalloc_environment({"LD_PRELOAD": "libx.so"})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libx.so"
+    assert tcmalloc_environment({"LD_PRELOAD": "/opt/libtcmalloc.so"}) is None  # there already: no loop
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    assert tcmalloc_environment({}) is None  # not on this system: the C library's allocator
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("tcmalloc_minimal") is None, reason="no tcmalloc here (make tcmalloc)"
+)
+@pytest.mark.parametrize("wanted", [True, False])
+def test_serve_runs_with_tcmalloc_where_the_system_has_it(wanted):
+    """The real command: ``refiner serve`` runs itself again with tcmalloc preloaded (same process),
+    unless REFINER_TCMALLOC=false; the allocator is in the process's memory map before any model loads."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["REFINER_TCMALLOC"] = str(wanted).lower()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", "0", "--device", "cpu"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = next(line for line in server.stderr if "memory allocator" in line)
+        maps = Path(f"/proc/{server.pid}/maps").read_text()
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert ("libtcmalloc_minimal" in line) is wanted
+    assert ("libtcmalloc_minimal" in maps) is wanted
