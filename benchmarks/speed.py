@@ -771,6 +771,9 @@ def run_server_latency(
     import httpx
 
     env = {"REFINER_MAX_NEW_TOKENS": str(max(lengths)), "REFINER_REQUEST_TIMEOUT_S": "900"}
+    # The server gets this process's memory allocator (tcmalloc when preloaded here), so that the
+    # server and the in-process step are compared on the same one.
+    env["REFINER_TCMALLOC"] = str("tcmalloc" in os.environ.get("LD_PRELOAD", "")).lower()
     server = ServerProcess(env, model=model, device=device)
     rows = []
     try:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import batching, quality, reference, speed, step_batch, step_profile
+from benchmarks import allocator, batching, quality, reference, speed, step_batch, step_profile
 from benchmarks.commongen import (
     SLICES,
     concept_coverage,
@@ -135,6 +135,30 @@ def test_latency_bench_forces_the_output_length(tiny, tmp_path):
     assert all(r["tokens_mean"] == r["target_tokens"] and r["generate_s"] > 0 for r in rows)
     assert markdown_table(rows, speed.LATENCY_TABLE).count("\n") == 5
     assert plot_latency(tmp_path / "l.png", rows, "smoke").stat().st_size > 0
+
+
+def test_allocator_bench_measures_natural_answers_and_pairs_allocators_round_by_round(
+    tiny, monkeypatch, tmp_path
+):
+    monkeypatch.setattr("refiners.models.load_model", lambda name, device="cpu": tiny)
+    measured = allocator.measure("tiny", 2)
+    assert set(measured) == {"generate_s", "step_s", "faults", "rss_mb"}
+    assert measured["generate_s"] > 0 and measured["step_s"] > 0
+    # The parent: one fresh process per round, model and allocator (here faked), paired by round.
+    steps = iter([1.0, 0.9, 0.8, 1.0])  # round 0: glibc then tcmalloc; round 1: the other way round
+    calls = []
+
+    def child(model, sets, name):
+        calls.append(name)
+        return {"generate_s": 2.0, "step_s": next(steps), "faults": 1.0, "rss_mb": 5.0}
+
+    monkeypatch.setattr(allocator, "run_child", child)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: "libtcmalloc_minimal.so.4")
+    assert allocator.main(["--models", "m", "--rounds", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert calls == ["glibc", "tcmalloc", "tcmalloc", "glibc"]
+    glibc, tcmalloc = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert tcmalloc["step_vs_glibc_each"] == pytest.approx([0.9, 0.8])
+    assert glibc["ratio"] == pytest.approx(0.5) and tcmalloc["step_s"] == pytest.approx(0.85)
 
 
 def test_server_and_in_process_times_are_compared_pair_by_pair():
