@@ -61,13 +61,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def tcmalloc_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     """``environ`` with tcmalloc added to ``LD_PRELOAD``, or None where it is there already or this
-    system has no tcmalloc (Debian: libtcmalloc-minimal4).
+    system has no tcmalloc (Debian: libtcmalloc-minimal4; Linux only: ``LD_PRELOAD`` is ld.so's).
 
-    Why: glibc serves every allocation over 32 MB (a pass's gathered caches, a (rows, 262k) logits
-    block) with fresh pages from the kernel and hands them back when freed, so each pass page-faults
-    tens of MB again; tcmalloc keeps and reuses them (the README, "Speed", measures the difference)."""
+    Why: glibc serves large allocations (over its mmap threshold, 32 MB at most: a pass's gathered
+    caches, a (rows, 262k) logits block) with fresh pages from the kernel, returns them when freed and
+    trims its heap, so each pass page-faults tens of MB again; tcmalloc keeps and reuses them (the
+    README, "Speed", measures the difference)."""
     preload = environ.get("LD_PRELOAD", "")
-    library = ctypes.util.find_library("tcmalloc_minimal")
+    library = ctypes.util.find_library("tcmalloc_minimal") if sys.platform == "linux" else None
     if "tcmalloc" in preload or library is None:
         return None
     return {**environ, "LD_PRELOAD": " ".join(filter(None, [library, preload]))}
