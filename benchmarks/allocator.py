@@ -16,7 +16,6 @@ and its peak RSS.
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import json
 import os
 import resource
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cli import tcmalloc_environment
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, write_json
 
 ALLOCATORS = ("glibc", "tcmalloc")
@@ -85,7 +85,7 @@ def run_child(model: str, sets: int, allocator: str) -> dict[str, float]:
     """``measure`` in a fresh process whose preload is ``allocator``'s."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if allocator == "tcmalloc":
-        env["LD_PRELOAD"] = ctypes.util.find_library("tcmalloc_minimal") or ""
+        env = tcmalloc_environment(env) or env  # the server's own rule (app/cli.py)
     command = [
         sys.executable,
         "-m",
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args.models[0], args.sets)))
         return 0
-    if ctypes.util.find_library("tcmalloc_minimal") is None:
+    if tcmalloc_environment({}) is None:
         print("tcmalloc is not installed (Debian: libtcmalloc-minimal4; `make tcmalloc`)", file=sys.stderr)
         return 2
     runs: list[dict[str, Any]] = []

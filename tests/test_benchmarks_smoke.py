@@ -153,7 +153,7 @@ def test_allocator_bench_measures_natural_answers_and_pairs_allocators_round_by_
         return {"generate_s": 2.0, "step_s": next(steps), "faults": 1.0, "rss_mb": 5.0}
 
     monkeypatch.setattr(allocator, "run_child", child)
-    monkeypatch.setattr("ctypes.util.find_library", lambda name: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "tcmalloc_environment", lambda env: {**env, "LD_PRELOAD": "tc.so"})
     assert allocator.main(["--models", "m", "--rounds", "2", "--out", str(tmp_path / "a.json")]) == 0
     assert calls == ["glibc", "tcmalloc", "tcmalloc", "glibc"]
     glibc, tcmalloc = json.loads((tmp_path / "a.json").read_text())["rows"]
