@@ -72,7 +72,12 @@ class Lookahead:
         windows = [self._window(steps[j], p) for j, p in flat]
         outputs = Outputs([steps[j].row for j, _ in flat], windows, [steps[j].config for j, _ in flat])
         passes = self.runner.read_outputs(
-            self.state, outputs, self.current, checkpoint=self.checkpoint, free_context=self.free_context
+            self.state,
+            outputs,
+            self.current,
+            checkpoint=self.checkpoint,
+            free_context=self.free_context,
+            estimate=True,
         )
         # Each candidate's log-probability sum over its window, per reading, in one device->host copy:
         # the loop below then runs on host floats (on a GPU, a few small kernels and a sync each).

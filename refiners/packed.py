@@ -10,12 +10,18 @@ The parameters stay what they were (same tensors: tied weights stay tied, state 
 the packed copies are extra memory: two per weight, the weight and its transpose (the gradient pass
 back-propagates through the transpose to the input; parameters are frozen, so no weight gradient).
 
-The transpose is packed in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX):
-the backward then runs 1.5-2x faster and its copy takes half the memory. Only the gradient goes
-through it, and the gradient only proposes edits: every score (forward) stays float32 and exact.
+Products that only propose edits run in bfloat16 where the CPU multiplies it natively (AVX512-BF16 or
+AMX), 1.5-2x faster than float32: the transpose is packed in bfloat16 (the gradient's backward), and
+``approximate`` (or any forward inside ``approximate_products``) multiplies by a bfloat16 copy of the
+weight: the lookahead's passes and the methods' products with the embedding table. Every score stays
+float32 and exact.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -50,9 +56,9 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def gradient_dtype() -> torch.dtype:
-    """bfloat16 where this CPU has native bfloat16 products (on one without, oneDNN emulates them,
-    several times slower than float32), else float32."""
+def default_proposal_dtype() -> torch.dtype:
+    """The dtype of products that only propose edits: bfloat16 where this CPU has native bfloat16
+    products (on one without, oneDNN emulates them, several times slower than float32), else float32."""
     native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return torch.bfloat16 if any(f is not None and f() for f in native) else torch.float32
 
@@ -64,34 +70,73 @@ class PackedLinear(nn.Linear):
     weight changed in place or moved is packed again on the next call.
     """
 
-    def __init__(self, linear: nn.Linear, backward_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, linear: nn.Linear, proposal_dtype: torch.dtype | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.backward_dtype = backward_dtype or gradient_dtype()
+        self.proposal_dtype = proposal_dtype or default_proposal_dtype()
         self._packed_for: tuple[int, int, torch.dtype] | None = None
+        self._approximate_for: tuple[int, int, torch.dtype] | None = None
+
+    def _key(self) -> tuple[int, int, torch.dtype]:
+        return self.weight.data_ptr(), self.weight._version, self.proposal_dtype
 
     def _packs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.weight.data_ptr(), self.weight._version, self.backward_dtype)
-        if self._packed_for != key:
+        if self._packed_for != self._key():
             self._packed = _pack(self.weight)
-            self._packed_t = _pack(self.weight.t().to(self.backward_dtype))
-            self._packed_for = key
+            self._packed_t = _pack(self.weight.t().to(self.proposal_dtype))
+            self._packed_for = self._key()
         return self._packed, self._packed_t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _runs_packed(self, x: torch.Tensor) -> bool:
         w, b = self.weight, self.bias
-        if (
-            x.device.type != "cpu"
-            or not x.dtype == w.dtype == torch.float32
-            or w.requires_grad
-            or (b is not None and b.requires_grad)
-        ):
-            return F.linear(x, w, b)
+        return (
+            x.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32
+            and not w.requires_grad
+            and not (b is not None and b.requires_grad)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._runs_packed(x):
+            return F.linear(x, self.weight, self.bias)
         packed, packed_t = self._packs()
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedProduct.apply(x, packed, packed_t, b)
-        return _product(x, packed, b)
+            return _PackedProduct.apply(x, packed, packed_t, self.bias)
+        if getattr(_approximating, "on", False) and self.proposal_dtype != x.dtype:
+            return self._approximate_product(x)
+        return _product(x, packed, self.bias)
+
+    def approximate(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` computed in ``proposal_dtype``, returned in x's dtype, without a gradient: for
+        estimates that only rank proposals."""
+        if self.proposal_dtype == x.dtype or not self._runs_packed(x):
+            return self(x).detach()
+        return self._approximate_product(x.detach())
+
+    def _approximate_product(self, x: torch.Tensor) -> torch.Tensor:
+        # The weight in proposal_dtype is packed on first use, so only layers used this way pay for the
+        # copy (half the float32 weight's memory): after a refinement, every layer.
+        if self._approximate_for != self._key():
+            self._approximate = _pack(self.weight.to(self.proposal_dtype))
+            self._approximate_for = self._key()
+        bias = None if self.bias is None else self.bias.to(self.proposal_dtype)
+        return _product(x.to(self.proposal_dtype), self._approximate, bias).to(x.dtype)
+
+
+_approximating = threading.local()
+
+
+@contextmanager
+def approximate_products() -> Iterator[None]:
+    """Inside, on this thread, a ``PackedLinear`` forward that takes no gradient runs as ``approximate``:
+    for passes whose values only rank proposals (the lookahead). Activations stay float32."""
+    before = getattr(_approximating, "on", False)
+    _approximating.on = True
+    try:
+        yield
+    finally:
+        _approximating.on = before
 
 
 def pack_linear_layers(model: nn.Module) -> int:

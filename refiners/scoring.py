@@ -17,7 +17,7 @@ output is run twice in the same passes, once after its prompt and once after its
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from refiners.cost import FLOAT, ModelShape, PassLimits
 from refiners.errors import NumericalError
 from refiners.models import picks_logits, shape_free_attention, split_head
 from refiners.objective import FREE, PROMPTED, CandidateBatch, Objective
+from refiners.packed import approximate_products
 from refiners.padding import pad_ids
 
 if TYPE_CHECKING:
@@ -428,10 +429,13 @@ class ModelRunner:
         attention: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
         free_context: bool = True,
+        estimate: bool = False,
     ) -> OutputReadings:
         """Token log-probabilities of C outputs after prompt rows ``rows``, under every reading the
         configs' weighted terms need (``free_context`` False: the prompted one only), in passes of at
         most ``chunk_size`` outputs that fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
+        ``estimate``: the values only rank proposals (the lookahead's), so the products may run in
+        bfloat16 (``approximate_products``); every score keeps it False.
 
         Each output reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
         shares with its row's current output, so only its suffix from the first difference is
@@ -451,7 +455,7 @@ class ModelRunner:
             return max(1, self.pass_bytes // row)
 
         plan = plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead, rows_that_fit)
-        with self._attention_maps(attention):
+        with self._attention_maps(attention), approximate_products() if estimate else nullcontext():
             for first, last in plan:
                 checkpoint()
                 chunk = order[first:last]
