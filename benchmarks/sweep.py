@@ -1,15 +1,19 @@
 """Side-by-side sweep of the refiner's tuning constants on held-out CommonGen items.
 
 Each item is generated once (greedy, the server's way: the prompt cache is kept), then refined under
-every setting in the same process, so the refine/generate ratios of the settings share one machine
-state and compare fairly. A setting names fields of ``refiners.SearchConfig`` (e.g. ``lookahead_tokens``)
-and of the request's ``RefineConfig`` (``weights``, ``candidates``) with the values to try; each setting
-gets its own ``Refiner(search=SearchConfig(...))`` over the same loaded model. Quality is the refiner's
-own: coverage, the change of the objective's terms, and the perplexity of the text read alone by the
+every setting in the same process, in turn (the order reversed every other item), so the refine/generate
+ratios of the settings share one machine state and compare fairly. A setting names fields of
+``refiners.SearchConfig`` (e.g. ``lookahead_tokens``) and of the request's ``RefineConfig``
+(``weights``, ``candidates``) with the values to try; each setting gets its own
+``Refiner(search=SearchConfig(...))`` over the same loaded model. Quality is the refiner's own:
+coverage, the change of the objective's terms, and the perplexity of the text read alone by the
 refiner's own model (a stand-in for how it reads that tuning may use; never the judge).
 
     python -m benchmarks.sweep --start 280 --stop 360 \\
         --settings '{"now": {}, "la2": {"lookahead_tokens": 2}, "fl1": {"weights": {"fluency": 1.0}}}'
+
+``--model embedded:gemma3-270m`` (or a directory) sweeps another model; a base model (no chat template)
+gets the plain-text prompt and stops at the end of its line, as in ``benchmarks.quality``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from benchmarks.commongen import ConceptSet, load_concept_sets, prompt_ids
+from benchmarks.commongen import PLAIN_STOP, ConceptSet, load_concept_sets, prompt_ids
 from benchmarks.judge import Judge
 from benchmarks.report import RESULTS_DIR, Column, markdown_table, write_json
 from refiners import RefineConfig, Refiner, RefineRequest, RefineResult, SearchConfig, load_model
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import coverage
-from refiners.models import LoadedModel
+from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, LoadedModel
 from refiners.scoring import document_start_ids
 
 TABLE = [
@@ -42,6 +46,8 @@ TABLE = [
     Column("own_ppl_change_pct", "own ppl change %", "+.1f"),
     Column("objective_gain_mean", "objective gain", "+.3f"),
     Column("changed", "changed", "d"),
+    Column("same_as_first", "same text as first setting", "d"),
+    Column("refine_s_mean", "refine s", ".3f"),
     Column("time_ratio_of_sums", "refine/gen (sums)", ".3f"),
 ]
 
@@ -77,32 +83,33 @@ def run(
     searches, requests = split_settings(settings)
     refiners = {name: Refiner(loaded, search=search) for name, search in searches.items()}
     generator = BatchGenerator(loaded)
+    stop = () if loaded.tokenizer.chat_template else PLAIN_STOP
 
-    def measure(item: ConceptSet) -> tuple[float, str, dict[str, tuple[float, RefineResult]]]:
+    def measure(item: ConceptSet, reverse: bool) -> tuple[float, str, dict[str, tuple[float, RefineResult]]]:
         """(generate seconds, initial text, {setting: (refine seconds, result)}) of one item."""
         prompt = prompt_ids(loaded.tokenizer, item)
         started = time.perf_counter()
         [out] = generator.generate(
-            [prompt], [SamplingParams(max_new_tokens=max_new_tokens)], keep_prompt_cache=True
+            [prompt], [SamplingParams(max_new_tokens=max_new_tokens, stop=stop)], keep_prompt_cache=True
         )
         generate_s = time.perf_counter() - started
         refined = {}
-        for name, refiner in refiners.items():
-            config = RefineConfig(keywords=item.concepts, **requests[name])
+        for name, refiner in reversed(refiners.items()) if reverse else refiners.items():
+            config = RefineConfig(keywords=item.concepts, stop=stop, **requests[name])
             started = time.perf_counter()
             [res] = refiner.refine([RefineRequest(prompt, list(out.token_ids), config, out.prompt_cache)])
             refined[name] = (time.perf_counter() - started, res)
         return generate_s, out.text, refined
 
-    measure(items[0])  # untimed: the first pass pays one-off costs (caches, allocations)
+    measure(items[0], False)  # untimed: the first pass pays one-off costs (caches, allocations)
     sums = {
         k: dict(refine=0.0, coverage=0.0, every=0, fluency=0.0, objective=0.0, changed=0) for k in settings
     }
     texts: dict[str, list[str]] = {k: [] for k in ["initial", *settings]}
     generate_s = coverage_before = 0.0
     every_before = 0
-    for item in items:
-        seconds, initial_text, refined = measure(item)
+    for i, item in enumerate(items):
+        seconds, initial_text, refined = measure(item, reverse=bool(i % 2))
         generate_s += seconds
         before = coverage(item.concepts, initial_text)
         coverage_before += before
@@ -119,7 +126,7 @@ def run(
             s["changed"] += res.refined_ids != res.initial_ids
             texts[name].append(res.refined_text)
     own_ppl = own_perplexities(loaded, texts)
-    n = len(items)
+    n, first = len(items), texts[next(iter(settings))]
     return [
         {
             "setting": name,
@@ -133,6 +140,7 @@ def run(
             "own_ppl_change_pct": 100 * (median(own_ppl[name]) / median(own_ppl["initial"]) - 1),
             "objective_gain_mean": s["objective"] / n,
             "changed": s["changed"],
+            "same_as_first": sum(a == b for a, b in zip(texts[name], first)),
             "generate_s_mean": generate_s / n,
             "refine_s_mean": s["refine"] / n,
             "time_ratio_of_sums": s["refine"] / generate_s,
@@ -158,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         "--settings", default='{"defaults": {}}', help="JSON {name: {SearchConfig field: value}}"
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help=f"{EMBEDDED_MODEL}, {EMBEDDED_GEMMA} or a directory"
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "sweep.json"))
     args = parser.parse_args(argv)
     items = load_concept_sets(args.stop)[args.start : args.stop]
     if not items:
         raise SystemExit(f"no CommonGen items in [{args.start}, {args.stop})")
-    rows = run(load_model(), items, json.loads(args.settings), args.max_new_tokens)
+    rows = run(load_model(args.model, device="cpu"), items, json.loads(args.settings), args.max_new_tokens)
     print(markdown_table(rows, TABLE))
-    write_json(Path(args.out), {"items": [args.start, args.stop], "summary": rows})
+    write_json(Path(args.out), {"model": args.model, "items": [args.start, args.stop], "summary": rows})
     return 0
 
 

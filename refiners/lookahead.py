@@ -33,6 +33,7 @@ class Lookahead:
         checkpoint: runs before each pass (may raise to stop the work).
         free_context: also run each window without the prompt, for the terms that read the prompt-free
             reading (``SearchConfig.lookahead_free_context``); False halves the lookahead's work.
+        approximate: run the passes' products in the proposal dtype (``SearchConfig.approximate_estimates``).
     """
 
     def __init__(
@@ -43,9 +44,11 @@ class Lookahead:
         tokens: int,
         checkpoint: Checkpoint,
         free_context: bool = True,
+        approximate: bool = True,
     ) -> None:
         self.runner, self.state, self.current = runner, state, current
         self.tokens, self.checkpoint, self.free_context = tokens, checkpoint, free_context
+        self.approximate = approximate
         self.seconds = 0.0  # spent in calls, for the step's timing
 
     def __call__(
@@ -77,7 +80,7 @@ class Lookahead:
             self.current,
             checkpoint=self.checkpoint,
             free_context=self.free_context,
-            estimate=True,
+            estimate=self.approximate,
         )
         # Each candidate's log-probability sum over its window, per reading, in one device->host copy:
         # the loop below then runs on host floats (on a GPU, a few small kernels and a sync each).

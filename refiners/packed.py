@@ -76,15 +76,18 @@ class PackedLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.proposal_dtype = proposal_dtype or default_proposal_dtype()
         self._packed_for: tuple[int, int, torch.dtype] | None = None
-        self._approximate_for: tuple[int, int, torch.dtype] | None = None
 
     def _key(self) -> tuple[int, int, torch.dtype]:
         return self.weight.data_ptr(), self.weight._version, self.proposal_dtype
 
     def _packs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight packed, and its transpose in ``proposal_dtype``; with a ``proposal_dtype`` other
+        than the weight's, also the weight in it (``_approximate``). All made at once, at load: a
+        model's memory does not grow at its first lookahead."""
         if self._packed_for != self._key():
-            self._packed = _pack(self.weight)
-            self._packed_t = _pack(self.weight.t().to(self.proposal_dtype))
+            low = self.weight.detach().to(self.proposal_dtype)
+            self._packed, self._packed_t = _pack(self.weight), _pack(low.t())
+            self._approximate = _pack(low) if low.dtype != self.weight.dtype else None
             self._packed_for = self._key()
         return self._packed, self._packed_t
 
@@ -115,11 +118,7 @@ class PackedLinear(nn.Linear):
         return self._approximate_product(x.detach())
 
     def _approximate_product(self, x: torch.Tensor) -> torch.Tensor:
-        # The weight in proposal_dtype is packed on first use, so only layers used this way pay for the
-        # copy (half the float32 weight's memory): after a refinement, every layer.
-        if self._approximate_for != self._key():
-            self._approximate = _pack(self.weight.to(self.proposal_dtype))
-            self._approximate_for = self._key()
+        self._packs()
         bias = None if self.bias is None else self.bias.to(self.proposal_dtype)
         return _product(x.to(self.proposal_dtype), self._approximate, bias).to(x.dtype)
 

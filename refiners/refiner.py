@@ -127,9 +127,10 @@ class Refiner:
         # The methods' (m, V) gains multiply by the embedding table; a tied head's packed copy of it
         # does that 3-6x faster on a CPU than a plain matmul (Gemma: 29 against 180 ms at 9 rows), and
         # its bfloat16 copy faster again: the gains only propose edits.
-        self.vocab = Vocabulary(
-            loaded.tokenizer, embeddings.weight.detach(), head.approximate if tied else None
-        )
+        product = None
+        if tied:
+            product = head.approximate if self.search.approximate_estimates else head
+        self.vocab = Vocabulary(loaded.tokenizer, embeddings.weight.detach(), product)
         self.methods: dict[str, RefinementMethod] = {
             name: method(self.search) for name, method in METHODS.items()
         }
@@ -209,6 +210,7 @@ class Refiner:
                 self.search.lookahead_tokens,
                 checkpoint,
                 self.search.lookahead_free_context,
+                self.search.approximate_estimates,
             )
             self._score_and_accept(
                 state, current, [tracks[i] for i in active], inputs, lookahead, step, clock

@@ -271,6 +271,7 @@ def test_sweep_compares_search_configs_on_the_same_outputs(tiny):
     assert rows[0]["coverage_before"] == rows[1]["coverage_before"]  # one initial output per item
     assert all(r["prompts"] == 2 and r["objective_gain_mean"] >= 0 and r["refine_s_mean"] > 0 for r in rows)
     assert all(math.isfinite(r["own_ppl_change_pct"]) for r in rows)
+    assert rows[0]["same_as_first"] == 2 and all(0 <= r["same_as_first"] <= 2 for r in rows)
     assert "longer lookahead" in markdown_table(rows, sweep.TABLE)
     with pytest.raises(SystemExit, match="no_such_field"):
         sweep.run(tiny, load_concept_sets(1), {"bad": {"no_such_field": 1}}, max_new_tokens=4)

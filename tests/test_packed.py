@@ -106,13 +106,15 @@ def test_a_packed_model_keeps_its_parameters_tied_weights_and_outputs() -> None:
 
 
 def test_the_methods_multiply_by_the_embedding_table_through_a_tied_packed_head() -> None:
-    from refiners import Refiner
+    from refiners import Refiner, SearchConfig
 
     loaded = tiny_llama(embedded_tokenizer())
     untied = Refiner(loaded).vocab
     loaded.model.lm_head.weight = loaded.model.model.embed_tokens.weight
     tied = Refiner(loaded).vocab
     assert untied._table_product is None and tied._table_product == loaded.model.lm_head.approximate
+    exact = Refiner(loaded, search=SearchConfig(approximate_estimates=False)).vocab
+    assert exact._table_product is loaded.model.lm_head
     x = torch.randn(5, loaded.model.config.hidden_size)
     with torch.no_grad():  # in bfloat16 where the CPU has it: the products only propose edits
         for vocab in (untied, tied):

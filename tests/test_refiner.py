@@ -32,7 +32,6 @@ from refiners.generation import BatchGenerator, SamplingParams
 from refiners.keywords import keyword_present
 from refiners.methods.base import Vocabulary
 from refiners.models import LoadedModel
-from refiners.packed import PackedLinear
 from refiners.scoring import Outputs, PromptState, plan_passes, stack_layers
 from tests.tiny_models import ARCHITECTURES, chat_prompt, embedded_tokenizer, eos_id, output_ids, tiny_llama
 
@@ -513,10 +512,9 @@ def test_a_lookahead_over_the_whole_rest_of_the_output_gives_the_exact_gain(
     # The lookahead scores an edit's tokens and the few after it exactly; reaching past the end of
     # the output, its estimate must be the edit's exact change of J (with every reading run). Its
     # products run in float32 here: by default they may round to bfloat16 (tests/test_packed.py).
-    for module in suite.loaded.model.modules():
-        if isinstance(module, PackedLinear):
-            monkeypatch.setattr(module, "proposal_dtype", torch.float32)
-    search = SearchConfig(lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words)
+    search = SearchConfig(
+        lookahead_tokens=1000, lookahead_free_context=True, span_words=span_words, approximate_estimates=False
+    )
     refiner = Refiner(suite.loaded, search=search)
     method = refiner.methods["coordinate"]
     seen: list = []
