@@ -7,12 +7,13 @@ oneDNN takes a weight packed once, ahead of time (the kernels Inductor uses when
 ``python -m benchmarks.speed --part packing`` measures it side by side (``README.md``, "Speed").
 
 The parameters stay what they were (same tensors: tied weights stay tied, state dict keys unchanged);
-the packed copies are extra memory: two per weight, the weight and its transpose (the gradient pass
-back-propagates through the transpose to the input; parameters are frozen, so no weight gradient).
+the packed copies are extra memory: the weight and its transpose (the gradient pass back-propagates
+through the transpose to the input; parameters are frozen, so no weight gradient), and where the
+proposal dtype is bfloat16 a third, the weight in bfloat16.
 
 Products that only propose edits run in bfloat16 where the CPU multiplies it natively (AVX512-BF16 or
 AMX), 1.5-2x faster than float32: the transpose is packed in bfloat16 (the gradient's backward), and
-``approximate`` (or any forward inside ``approximate_products``) multiplies by a bfloat16 copy of the
+``approximate`` (or any forward inside ``approximate_products``) multiplies by the bfloat16 copy of the
 weight: the lookahead's passes and the methods' products with the embedding table. Every score stays
 float32 and exact.
 """
