@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     cache_dir: str | None = Field(None, description="where the converted embedded model is kept")
     pack_weights: bool = Field(
         True,
-        description="float32 on a CPU: pack the linear weights once for oneDNN (faster passes, 1.5-2x "
+        description="float32 on a CPU: pack the linear weights once for oneDNN (faster passes, twice "
         "the weights' memory more)",
     )
     tcmalloc: bool = Field(
