@@ -80,7 +80,7 @@ class Lookahead:
             self.current,
             checkpoint=self.checkpoint,
             free_context=self.free_context,
-            estimate=self.approximate,
+            approximate=self.approximate,
         )
         # Each candidate's log-probability sum over its window, per reading, in one device->host copy:
         # the loop below then runs on host floats (on a GPU, a few small kernels and a sync each).

@@ -429,12 +429,12 @@ class ModelRunner:
         attention: bool = False,
         checkpoint: Checkpoint = no_checkpoint,
         free_context: bool = True,
-        estimate: bool = False,
+        approximate: bool = False,
     ) -> OutputReadings:
         """Token log-probabilities of C outputs after prompt rows ``rows``, under every reading the
         configs' weighted terms need (``free_context`` False: the prompted one only), in passes of at
         most ``chunk_size`` outputs that fit ``pass_bytes``; ``checkpoint()`` runs before each pass.
-        ``estimate``: the values only rank proposals (the lookahead's), so the products may run in
+        ``approximate``: the values only rank proposals (the lookahead's), so the products may run in
         bfloat16 (``approximate_products``); every score keeps it False.
 
         Each output reuses its prompt's KV cache and, given ``current``, the cache of the tokens it
@@ -455,7 +455,7 @@ class ModelRunner:
             return max(1, self.pass_bytes // row)
 
         plan = plan_passes([suffixes[c] for c in order], self.chunk_size, self.pass_overhead, rows_that_fit)
-        with self._attention_maps(attention), approximate_products() if estimate else nullcontext():
+        with self._attention_maps(attention), approximate_products() if approximate else nullcontext():
             for first, last in plan:
                 checkpoint()
                 chunk = order[first:last]
