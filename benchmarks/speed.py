@@ -158,12 +158,22 @@ def load_tokenizer(arch: str, tokenizer_dir: str | None = None) -> Any:
     )
 
 
-def load_arch(arch: str, device: str, tokenizer_dir: str | None = None) -> LoadedModel:
+def load_arch(
+    arch: str, device: str, tokenizer_dir: str | None = None, pack_weights: bool = True
+) -> LoadedModel:
     from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, load_model
 
     if arch in ("embedded", "gemma3"):
-        return load_model(EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL, device=device)
+        name = EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL
+        return load_model(name, device=device, pack_weights=pack_weights)
     return random_llama(arch, load_tokenizer(arch, tokenizer_dir), device)
+
+
+def packed_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's linear layers whose weights ``refiners.packed`` packed (none on a GPU)."""
+    from refiners.packed import PackedLinear
+
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
 
 
 # -- part (a): latency breakdown -----------------------------------------------------------------
@@ -362,7 +372,6 @@ def run_packing(
     plain ``nn.Linear`` (MKL), side by side in one process: every prompt is generated and refined
     (coordinate) by both models in turn, the first alternating, at each length."""
     from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, load_model
-    from refiners.packed import PackedLinear
 
     name = EMBEDDED_GEMMA if arch == "gemma3" else EMBEDDED_MODEL
     benches = {
@@ -371,8 +380,7 @@ def run_packing(
         )
         for packed in (True, False)
     }
-    packed_model = benches[True].loaded.model
-    linears = [m for m in packed_model.modules() if isinstance(m, PackedLinear)]
+    linears = packed_linears(benches[True].loaded.model)
     packed_mb = 2 * sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20
     rows = []
     for length in lengths:
@@ -433,32 +441,44 @@ PACKING_TABLE = [
 # -- generation variants -------------------------------------------------------------------------
 
 
-def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], length: int) -> list[dict]:
+def run_generation_variants(
+    loaded: LoadedModel, prompts: Sequence[list[int]], length: int, plain: LoadedModel | None = None
+) -> list[dict]:
     """Tokens per second of greedy decoding to exactly ``length`` tokens, one prompt at a time: our
     ``BatchGenerator``, ``model.generate`` (dynamic cache), with a static cache, and with a static cache
-    and ``torch.compile`` (its first call, which compiles, is reported apart). Whether every variant
-    wrote the same tokens as ours is checked."""
-    model, device = loaded.model, loaded.device
+    and ``torch.compile`` (its first call, which compiles, is reported apart). With ``plain``, the same
+    model as transformers loads it (plain ``nn.Linear``; ``loaded`` has packed weights): ours and
+    ``model.generate`` on it too, the decoding of before packing, and the compiled variant runs on it
+    (Inductor does not take the packed layers' oneDNN calls). Whether every variant wrote the same
+    tokens as ours is checked."""
+    device = loaded.device
     generator = BatchGenerator(loaded)
+    base = plain or loaded
 
-    def ours(prompt: list[int]) -> list[int]:
+    def ours(prompt: list[int], generator: BatchGenerator = generator) -> list[int]:
         return generator.generate([prompt], [exact_length(length)])[0].token_ids
 
-    def hf(prompt: list[int], **kwargs: Any) -> list[int]:
+    def hf(prompt: list[int], loaded: LoadedModel = loaded, **kwargs: Any) -> list[int]:
         return hf_greedy(loaded, [prompt], length, generator.pad_token_id, **kwargs)[0]
 
-    variants = [
-        ("BatchGenerator (ours)", ours),
-        ("model.generate", hf),
+    variants = [("BatchGenerator (ours)", ours), ("model.generate", hf)]
+    if plain is not None:
+        plain_generator = BatchGenerator(plain)
+        variants += [
+            ("BatchGenerator, plain weights", lambda p: ours(p, plain_generator)),
+            ("model.generate, plain weights", lambda p: hf(p, plain)),
+        ]
+    compiled = f"model.generate{', plain weights' if plain else ''}, static cache, torch.compile"
+    variants += [
         ("model.generate, static cache", lambda p: hf(p, cache_implementation="static")),
-        ("model.generate, static cache, torch.compile", lambda p: hf(p, cache_implementation="static")),
+        (compiled, lambda p: hf(p, base, cache_implementation="static")),
     ]
     rows, reference = [], [ours(p) for p in prompts]
-    eager_forward = model.forward
+    eager_forward = base.model.forward
     try:
         for name, fn in variants:
-            if "compile" in name:
-                model.forward = torch.compile(eager_forward)
+            if name == compiled:
+                base.model.forward = torch.compile(eager_forward)
             _sync(device)
             started = time.perf_counter()
             first = fn(prompts[0])  # compiles, for the compiled variant
@@ -482,7 +502,7 @@ def run_generation_variants(loaded: LoadedModel, prompts: Sequence[list[int]], l
             )
             log.info("%s: %.1f tokens/s (first call %.1f s)", name, rows[-1]["tokens_per_s"], first_s)
     finally:
-        model.forward = eager_forward
+        base.model.forward = eager_forward
     ours_rate = rows[0]["tokens_per_s"]
     for row in rows:
         row["speed_vs_ours"] = row["tokens_per_s"] / ours_rate
@@ -1035,7 +1055,14 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_arch(args.arch, args.device, args.tokenizer)
         length = max(args.lengths)
         prompts = [prompt_ids(loaded.tokenizer, it) for it in items[: args.requests]]
-        rows = run_generation_variants(loaded, prompts, length)
+        # On a CPU the loaded model's weights are packed; the same model unpacked is the baseline.
+        plain = (
+            load_arch(args.arch, args.device, args.tokenizer, pack_weights=False)
+            if packed_linears(loaded.model)
+            else None
+        )
+        rows = run_generation_variants(loaded, prompts, length, plain)
+        del plain
         result["generation"] = {"settings": {"length": length, "prompts": len(prompts)}, "rows": rows}
         del loaded
         print(f"\nGreedy decoding to {length} tokens, one prompt at a time, then all in one batch", end=" ")
