@@ -442,15 +442,19 @@ PACKING_TABLE = [
 
 
 def run_generation_variants(
-    loaded: LoadedModel, prompts: Sequence[list[int]], length: int, plain: LoadedModel | None = None
+    loaded: LoadedModel,
+    prompts: Sequence[list[int]],
+    length: int,
+    plain: LoadedModel | None = None,
+    compile_model: bool = True,
 ) -> list[dict]:
     """Tokens per second of greedy decoding to exactly ``length`` tokens, one prompt at a time: our
     ``BatchGenerator``, ``model.generate`` (dynamic cache), with a static cache, and with a static cache
     and ``torch.compile`` (its first call, which compiles, is reported apart). With ``plain``, the same
     model as transformers loads it (plain ``nn.Linear``; ``loaded`` has packed weights): ours and
     ``model.generate`` on it too, the decoding of before packing, and the compiled variant runs on it
-    (Inductor does not take the packed layers' oneDNN calls). Whether every variant wrote the same
-    tokens as ours is checked."""
+    (Inductor does not take the packed layers' oneDNN calls; ``compile_model=False`` leaves it out, its
+    first call takes a minute or more). Whether every variant wrote the same tokens as ours is checked."""
     device = loaded.device
     generator = BatchGenerator(loaded)
     base = plain or loaded
@@ -469,10 +473,9 @@ def run_generation_variants(
             ("model.generate, plain weights", lambda p: hf(p, plain)),
         ]
     compiled = f"model.generate{', plain weights' if plain else ''}, static cache, torch.compile"
-    variants += [
-        ("model.generate, static cache", lambda p: hf(p, cache_implementation="static")),
-        (compiled, lambda p: hf(p, base, cache_implementation="static")),
-    ]
+    variants.append(("model.generate, static cache", lambda p: hf(p, cache_implementation="static")))
+    if compile_model:
+        variants.append((compiled, lambda p: hf(p, base, cache_implementation="static")))
     rows, reference = [], [ours(p) for p in prompts]
     eager_forward = base.model.forward
     try:
@@ -965,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=1, help="server: times each prompt is sent (and run in process)"
     )
     parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
+    parser.add_argument("--no-compile", action="store_true", help="generation: leave out torch.compile")
     parser.add_argument(
         "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
     )
@@ -1061,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
             if packed_linears(loaded.model)
             else None
         )
-        rows = run_generation_variants(loaded, prompts, length, plain)
+        rows = run_generation_variants(loaded, prompts, length, plain, not args.no_compile)
         del plain
         result["generation"] = {"settings": {"length": length, "prompts": len(prompts)}, "rows": rows}
         del loaded

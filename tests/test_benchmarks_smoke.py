@@ -315,3 +315,20 @@ def test_slices_are_disjoint_and_the_held_out_one_is_the_end_of_the_file():
     assert [i.index for i in held_out] == [793, 794, 795]
     low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0], lambda xs: float(xs.mean()))
     assert 1.0 <= low <= 2.5 <= high <= 4.0
+
+
+def test_generation_variants_compare_ours_with_model_generate_on_packed_and_plain_weights(tokenizer):
+    packed, plain = (tiny_llama(tokenizer, seed=0, pack_weights=pack) for pack in (True, False))
+    prompts = [tokenizer.encode("a cat")[:3], tokenizer.encode("the dog runs")[:4]]
+    rows = speed.run_generation_variants(packed, prompts, 5, plain, compile_model=False)
+    assert [r["variant"] for r in rows] == [
+        "BatchGenerator (ours)",
+        "model.generate",
+        "BatchGenerator, plain weights",
+        "model.generate, plain weights",
+        "model.generate, static cache",
+        "BatchGenerator (ours), 2 prompts in one batch",
+        "model.generate, 2 prompts in one batch",
+    ]
+    assert all(r["same_tokens_as_ours"] and r["tokens"] == 10 for r in rows)
+    assert markdown_table(rows, speed.GENERATION_TABLE).count("\n") == len(rows) + 1
