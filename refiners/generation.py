@@ -25,7 +25,6 @@ import torch
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -176,6 +175,7 @@ class BatchGenerator:
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
         self.device = loaded.device
         self.eos_token_ids = loaded.eos_token_ids
+        self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids, default=0)
         # Ask only for the last position's logits when the model supports it: the prefill would
@@ -293,12 +293,6 @@ class BatchGenerator:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed)
         processors = params.logits_processors()
-        if params.min_new_tokens:  # first, as in transformers: EOS gets no probability at all
-            eos = sorted(self.eos_token_ids)
-            processors.insert(
-                0,
-                MinNewTokensLengthLogitsProcessor(len(prompt), params.min_new_tokens, eos, str(self.device)),
-            )
         return _Row(
             index=index,
             params=params,
@@ -347,8 +341,14 @@ class BatchGenerator:
         if bool(bad.any()):
             which = [rows[j].index for j in bad.nonzero()[:, 0].tolist()]
             raise NumericalError(f"the model produced NaN or inf logits for rows {which}")
+        # min_new_tokens, before any processor as in transformers (EOS gets no probability at all), for
+        # every such row at once: a row with no other processor stays on the batched greedy path.
+        short = [j for j, row in enumerate(rows) if len(row.token_ids) < row.params.min_new_tokens]
+        if short and self.eos_token_ids:
+            logits[torch.tensor(short, device=logits.device)[:, None], self._eos] = float("-inf")
         # Plain greedy rows (no processor, no generator) are decided together: a batch's cost then does
-        # not grow by a few small ops and host syncs per row and step. Their logits are finite (above).
+        # not grow by a few small ops and host syncs per row and step. Their logits are finite (above)
+        # but for EOS under min_new_tokens.
         logp = logits.log_softmax(dim=-1)  # [b, V]
         tokens = logp.argmax(dim=-1)  # [b]
         logprobs = logp.gather(-1, tokens[:, None])[:, 0]  # [b]

@@ -137,18 +137,23 @@ def test_eos_ends_a_row_and_is_included_in_token_ids(loaded, prompts):
         assert outs[1].token_ids == full[1].token_ids
 
     # min_new_tokens: that row goes past the EOS to its budget, as transformers' generate does; its
-    # neighbour (no minimum) still stops at the EOS.
+    # neighbour (no minimum) still stops at the EOS. A sampled row gets the same minimum before its
+    # own processors.
     loaded.model.generation_config.eos_token_id = eos
     try:
         at_least = SamplingParams(max_new_tokens=10, min_new_tokens=10)
-        outs = BatchGenerator(loaded).generate(prompts[:2], [at_least, params])
+        sampled = SamplingParams(
+            max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=2.0, seed=0
+        )
+        outs = BatchGenerator(loaded).generate([*prompts[:2], prompts[0]], [at_least, params, sampled])
         ids = torch.tensor([prompts[0]])
         expected = loaded.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False
         )[0, ids.shape[1] :].tolist()
     finally:
         loaded.model.generation_config.eos_token_id = saved
-    assert len(outs[0].token_ids) == 10 and outs[0].finish_reason == "length" and eos not in outs[0].token_ids
+    for out in (outs[0], outs[2]):
+        assert len(out.token_ids) == 10 and out.finish_reason == "length" and eos not in out.token_ids
     assert outs[0].token_ids == expected
 
 
