@@ -447,14 +447,17 @@ def run_generation_variants(
     length: int,
     plain: LoadedModel | None = None,
     compile_model: bool = True,
+    rounds: int = 3,
 ) -> list[dict]:
     """Tokens per second of greedy decoding to exactly ``length`` tokens, one prompt at a time: our
-    ``BatchGenerator``, ``model.generate`` (dynamic cache), with a static cache, and with a static cache
-    and ``torch.compile`` (its first call, which compiles, is reported apart). With ``plain``, the same
-    model as transformers loads it (plain ``nn.Linear``; ``loaded`` has packed weights): ours and
-    ``model.generate`` on it too, the decoding of before packing, and the compiled variant runs on it
-    (Inductor does not take the packed layers' oneDNN calls; ``compile_model=False`` leaves it out, its
-    first call takes a minute or more). Whether every variant wrote the same tokens as ours is checked."""
+    ``BatchGenerator``, ``model.generate`` (dynamic cache) and with a static cache. With ``plain``, the
+    same model as transformers loads it (plain ``nn.Linear``; ``loaded`` has packed weights): ours and
+    ``model.generate`` on it too, the decoding of before packing. Each variant's first call is timed
+    apart; then, ``rounds`` times, every prompt runs through every variant in turn, the order reversed
+    every other prompt, so a drift of the machine's speed falls on all of them alike. Last, with
+    ``compile_model``, ``model.generate`` with a static cache and ``torch.compile`` (on ``plain`` when
+    given: Inductor does not take the packed layers' oneDNN calls), its first call (which compiles)
+    apart and then the prompts once. Whether every variant wrote the same tokens as ours is checked."""
     device = loaded.device
     generator = BatchGenerator(loaded)
     base = plain or loaded
@@ -465,6 +468,13 @@ def run_generation_variants(
     def hf(prompt: list[int], loaded: LoadedModel = loaded, **kwargs: Any) -> list[int]:
         return hf_greedy(loaded, [prompt], length, generator.pad_token_id, **kwargs)[0]
 
+    def timed(fn: Any, prompt: list[int]) -> tuple[float, list[int]]:
+        _sync(device)
+        started = time.perf_counter()
+        out = fn(prompt)
+        _sync(device)
+        return time.perf_counter() - started, out
+
     variants = [("BatchGenerator (ours)", ours), ("model.generate", hf)]
     if plain is not None:
         plain_generator = BatchGenerator(plain)
@@ -472,44 +482,58 @@ def run_generation_variants(
             ("BatchGenerator, plain weights", lambda p: ours(p, plain_generator)),
             ("model.generate, plain weights", lambda p: hf(p, plain)),
         ]
-    compiled = f"model.generate{', plain weights' if plain else ''}, static cache, torch.compile"
     variants.append(("model.generate, static cache", lambda p: hf(p, cache_implementation="static")))
+    reference = [ours(p) for p in prompts]
+    first = {name: timed(fn, prompts[0]) for name, fn in variants}
+    seconds = dict.fromkeys(first, 0.0)
+    same = {name: out == reference[0] for name, (_, out) in first.items()}
+    for turn in range(rounds * len(prompts)):
+        i = turn % len(prompts)
+        for name, fn in variants if turn % 2 == 0 else variants[::-1]:
+            took, out = timed(fn, prompts[i])
+            seconds[name] += took
+            same[name] = same[name] and out == reference[i]
+    runs = {name: (rounds * len(prompts), seconds[name], first[name][0], same[name]) for name in seconds}
     if compile_model:
-        variants.append((compiled, lambda p: hf(p, base, cache_implementation="static")))
-    rows, reference = [], [ours(p) for p in prompts]
+        name = f"model.generate{', plain weights' if plain else ''}, static cache, torch.compile"
+        runs[name] = compiled_generation(
+            base, prompts, reference, lambda p: hf(p, base, cache_implementation="static"), timed
+        )
+    ours_s = seconds["BatchGenerator (ours)"]
+    rows = []
+    for name, (calls, took, first_s, wrote_same) in runs.items():
+        tokens = calls * length
+        rows.append(
+            {
+                "variant": name,
+                "prompts": len(prompts),
+                "tokens": tokens,
+                "tokens_per_s": tokens / took,
+                "ms_per_token": 1000 * took / tokens,
+                "speed_vs_ours": (ours_s / (rounds * len(prompts))) / (took / calls),
+                "first_call_s": first_s,
+                "same_tokens_as_ours": wrote_same,
+            }
+        )
+        log.info("%s: %.1f tokens/s (first call %.1f s)", name, rows[-1]["tokens_per_s"], first_s)
+    return rows + batched_generation(loaded, prompts, length)
+
+
+def compiled_generation(
+    base: LoadedModel, prompts: Sequence[list[int]], reference: list[list[int]], generate: Any, timed: Any
+) -> tuple[int, float, float, bool]:
+    """``generate`` (``model.generate`` on ``base``) with ``base.model.forward`` compiled: its first
+    call (which compiles) and then each prompt once; (calls, seconds, first call's seconds, whether it
+    wrote ``reference``)."""
     eager_forward = base.model.forward
+    base.model.forward = torch.compile(eager_forward)
     try:
-        for name, fn in variants:
-            if name == compiled:
-                base.model.forward = torch.compile(eager_forward)
-            _sync(device)
-            started = time.perf_counter()
-            first = fn(prompts[0])  # compiles, for the compiled variant
-            _sync(device)
-            first_s = time.perf_counter() - started
-            started = time.perf_counter()
-            outputs = [fn(p) for p in prompts]
-            _sync(device)
-            seconds = time.perf_counter() - started
-            tokens = sum(len(o) for o in outputs)
-            rows.append(
-                {
-                    "variant": name,
-                    "prompts": len(prompts),
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / seconds,
-                    "ms_per_token": 1000 * seconds / tokens,
-                    "first_call_s": first_s,
-                    "same_tokens_as_ours": outputs == reference and first == reference[0],
-                }
-            )
-            log.info("%s: %.1f tokens/s (first call %.1f s)", name, rows[-1]["tokens_per_s"], first_s)
+        first_s, out = timed(generate, prompts[0])
+        outs = [timed(generate, p) for p in prompts]
     finally:
         base.model.forward = eager_forward
-    ours_rate = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["speed_vs_ours"] = row["tokens_per_s"] / ours_rate
-    return rows + batched_generation(loaded, prompts, length)
+    same = out == reference[0] and [o for _, o in outs] == reference
+    return len(prompts), sum(t for t, _ in outs), first_s, same
 
 
 def batched_generation(loaded: LoadedModel, prompts: Sequence[list[int]], length: int) -> list[dict]:
@@ -970,6 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-hf", action="store_true", help="latency: do not time model.generate")
     parser.add_argument("--no-compile", action="store_true", help="generation: leave out torch.compile")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="generation: times each prompt runs per variant"
+    )
+    parser.add_argument(
         "--warmup", type=int, default=None, help="latency warm-up runs (default 1 CPU, 3 CUDA)"
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
@@ -1065,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
             if packed_linears(loaded.model)
             else None
         )
-        rows = run_generation_variants(loaded, prompts, length, plain, not args.no_compile)
+        rows = run_generation_variants(loaded, prompts, length, plain, not args.no_compile, args.rounds)
         del plain
         result["generation"] = {"settings": {"length": length, "prompts": len(prompts)}, "rows": rows}
         del loaded
