@@ -15,7 +15,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks import allocator, batching, quality, reference, speed, step_batch, step_profile
+from benchmarks import (
+    allocator,
+    batching,
+    human_reference,
+    quality,
+    reference,
+    speed,
+    step_batch,
+    step_profile,
+)
 from benchmarks.commongen import (
     SLICES,
     concept_coverage,
@@ -121,6 +130,26 @@ def test_quality_run_reports_every_condition_without_lowering_the_objective(tiny
     path = write_json(tmp_path / "q.json", result)
     assert json.loads(path.read_text())["machine"]["cpu_count"] >= 1
     assert plot_quality(tmp_path / "q.png", result["summary"], "smoke").stat().st_size > 0
+
+
+def test_human_sentences_are_judged_beside_a_runs_texts(tiny_judge, tmp_path):
+    items = load_concept_sets(2)
+    records = tmp_path / "run.records.jsonl"
+    lines = [{"kind": "best_of", "index": 0}]  # a run's other records are skipped
+    for item in items:
+        texts = {"greedy": "A dog.", "greedy + coordinate": "A dog: " + ", ".join(item.concepts) + "."}
+        lines.append(
+            {"kind": "item", "index": item.index, "records": {c: {"text": t} for c, t in texts.items()}}
+        )
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    concepts, texts = human_reference.read_texts(records)
+    assert list(texts) == ["greedy", "greedy + coordinate", human_reference.HUMAN]
+    assert texts[human_reference.HUMAN] == [item.references[0] for item in items]
+    rows = {r["condition"]: r for r in human_reference.summarise(concepts, texts, tiny_judge.perplexity)}
+    assert rows["greedy"]["coverage"] == 0.0 and rows["greedy"]["ppl_vs_greedy_pct"] == 0.0
+    assert rows["greedy + coordinate"]["every_concept"] == 1.0
+    assert rows[human_reference.HUMAN]["sets"] == 2 and rows[human_reference.HUMAN]["judge_ppl_median"] > 0
+    assert "human (first sentence)" in markdown_table(list(rows.values()), human_reference.TABLE)
 
 
 def test_latency_bench_forces_the_output_length(tiny, tmp_path):
