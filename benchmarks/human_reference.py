@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.commongen import concept_coverage, load_concept_sets
-from benchmarks.report import RESULTS_DIR, Column, bootstrap_interval, markdown_table, write_json
+from benchmarks.report import (
+    RESULTS_DIR,
+    Column,
+    bootstrap_interval,
+    markdown_table,
+    median_change_pct,
+    write_json,
+)
 
 HUMAN = "human (first sentence)"
 BASELINE = "greedy"
@@ -71,11 +78,7 @@ def summarise(
         cov = [concept_coverage(c, t) for c, t in zip(concepts, ts, strict=True)]
         pairs = np.stack([base, [ppl[t] for t in ts]], axis=1)
         pairs = pairs[~np.isnan(pairs).any(1)]
-
-        def change(rows: np.ndarray) -> float:
-            return 100 * (float(np.median(rows[:, 1])) / float(np.median(rows[:, 0])) - 1)
-
-        low, high = bootstrap_interval(np.arange(len(pairs)), lambda idx, p=pairs: change(p[idx.astype(int)]))
+        low, high = bootstrap_interval(pairs, median_change_pct)  # resamples rows: sets stay paired
         rows.append(
             {
                 "condition": condition,
@@ -83,7 +86,7 @@ def summarise(
                 "coverage": float(np.mean(cov)),
                 "every_concept": float(np.mean([c == 1 for c in cov])),
                 "judge_ppl_median": float(np.median(pairs[:, 1])),
-                "ppl_vs_greedy_pct": change(pairs),
+                "ppl_vs_greedy_pct": median_change_pct(pairs),
                 "ppl_vs_greedy_ci": f"[{low:+.1f}, {high:+.1f}]",
             }
         )

@@ -66,6 +66,7 @@ from benchmarks.report import (
     bootstrap_interval,
     markdown_table,
     mean,
+    median_change_pct,
     plot_quality,
     write_json,
 )
@@ -318,9 +319,6 @@ def _gains(pairs: list[tuple[dict, dict]], ppl: dict[str, float]) -> dict[str, A
     ppls = np.array([[ppl.get(b["text"], math.nan), ppl.get(r["text"], math.nan)] for b, r in pairs])
     ppls = ppls[~np.isnan(ppls).any(1)]
 
-    def ppl_change(rows: np.ndarray) -> float:
-        return 100 * (float(np.median(rows[:, 1])) / float(np.median(rows[:, 0])) - 1)
-
     def interval(values: np.ndarray, statistic: Callable[[np.ndarray], float]) -> str:
         low, high = bootstrap_interval(
             list(range(len(values))), lambda idx: statistic(values[idx.astype(int)])
@@ -331,8 +329,8 @@ def _gains(pairs: list[tuple[dict, dict]], ppl: dict[str, float]) -> dict[str, A
         "coverage_gain_points": 100 * float(diffs[:, 0].mean()),
         "coverage_gain_ci": interval(diffs[:, 0], lambda v: 100 * float(v.mean())),
         "all_concepts_gain_points": 100 * float(diffs[:, 1].mean()),
-        "judge_ppl_change_pct": ppl_change(ppls) if len(ppls) else math.nan,
-        "judge_ppl_change_ci": interval(ppls, ppl_change) if len(ppls) else "-",
+        "judge_ppl_change_pct": median_change_pct(ppls) if len(ppls) else math.nan,
+        "judge_ppl_change_ci": interval(ppls, median_change_pct) if len(ppls) else "-",
     }
 
 

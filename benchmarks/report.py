@@ -217,6 +217,12 @@ def mean(values: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def median_change_pct(pairs: np.ndarray) -> float:
+    """The change of the median of column 1 against the median of column 0, in percent: the judge's
+    statistic for (before, after) perplexity pairs."""
+    return 100 * (float(np.median(pairs[:, 1])) / float(np.median(pairs[:, 0])) - 1)
+
+
 def bootstrap_interval(
     values: Sequence[float] | np.ndarray,
     statistic: Callable[[np.ndarray], float],
