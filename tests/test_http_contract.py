@@ -81,8 +81,7 @@ def test_health_and_info(client: httpx.Client):
         "max_candidates": 256,
         "max_keywords": 32,
     }
-    # The embedded SmolLM2 has its own logprob weight (refiners.models.EMBEDDED_WEIGHTS).
-    assert defaults["terms"] == {**DEFAULT_WEIGHTS, "logprob": 0.5} and defaults["reward_model"] is None
+    assert defaults["terms"] == DEFAULT_WEIGHTS and defaults["reward_model"] is None
     assert info["version"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ from refiners import InvalidRequestError, RefineConfig, Refiner, RefineRequest, 
 from refiners.config import MAX_CANDIDATES, MAX_KEYWORDS, MAX_STEPS
 from refiners.errors import RefinerError
 from refiners.methods import METHODS
-from refiners.models import EMBEDDED_GEMMA, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, LoadedModel
+from refiners.models import LoadedModel
 from refiners.objective import (
     DEFAULT_WEIGHTS,
     TERMS,
@@ -394,14 +393,3 @@ def test_readme_lists_the_registered_methods_and_the_default_weights() -> None:
     weights_row = next(line for line in readme if line.startswith("| `refine.weights`"))
     listed = {name: float(w) for name, w in re.findall(r"`(\w+)` \(([\d.]+)", weights_row)}
     assert listed == DEFAULT_WEIGHTS
-
-
-def test_a_models_own_default_weights_replace_the_terms_and_a_request_still_wins(sdpa_llama) -> None:
-    tuned = dataclasses.replace(sdpa_llama, default_weights={"logprob": 0.5})
-    objective = Refiner(tuned).objective
-    assert objective.default_weights == {**DEFAULT_WEIGHTS, "logprob": 0.5}
-    [logprob] = [t for t in objective.terms if t.name == "logprob"]
-    assert objective.weight(logprob, RefineConfig()) == 0.5
-    assert objective.weight(logprob, RefineConfig(weights={"logprob": 2.0})) == 2.0
-    assert Refiner(sdpa_llama).objective.default_weights == DEFAULT_WEIGHTS  # terms are per refiner
-    assert EMBEDDED_WEIGHTS[EMBEDDED_MODEL] == {"logprob": 0.5} and EMBEDDED_GEMMA not in EMBEDDED_WEIGHTS

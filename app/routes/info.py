@@ -59,7 +59,7 @@ async def info(service: ReadyService = Depends(get_service)) -> Info:
             **defaults,
             max_candidates=s.max_candidates,
             max_keywords=s.max_keywords,
-            terms=refiner.objective.default_weights if refiner else {},
+            terms={t.name: t.default_weight for t in refiner.objective.terms} if refiner else {},
             reward_model=s.reward_model,
         ),
         generator=service.upstream.name if service.upstream is not None else None,
