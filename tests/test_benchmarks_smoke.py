@@ -45,7 +45,7 @@ from benchmarks.report import (
 )
 from refiners import Refiner
 from refiners.config import RefineConfig
-from refiners.generation import BatchGenerator
+from refiners.generation import BatchGenerator, SamplingParams
 from refiners.refiner import RefineRequest
 from tests.conftest import start_server
 from tests.tiny_models import embedded_tokenizer, tiny_llama
@@ -304,6 +304,31 @@ def test_sweep_compares_search_configs_on_the_same_outputs(tiny):
     assert "longer lookahead" in markdown_table(rows, sweep.TABLE)
     with pytest.raises(SystemExit, match="no_such_field"):
         sweep.run(tiny, load_concept_sets(1), {"bad": {"no_such_field": 1}}, max_new_tokens=4)
+
+
+def test_rewrite_after_edit_generates_the_words_after_the_last_edit_again(tiny):
+    from benchmarks import rewrite_after_edit as rewrite
+
+    assert rewrite.changed_prefix([1, 2, 3, 4], [1, 9, 3, 4]) == [1, 9]
+    assert rewrite.changed_prefix([1, 2], [1, 2, 7]) == [1, 2, 7]  # an insertion at the end
+    generator, [item] = BatchGenerator(tiny), load_concept_sets(1)
+    prompt = prompt_ids(tiny.tokenizer, item)
+    [out] = generator.generate([prompt], [SamplingParams(max_new_tokens=10)])
+    initial = list(out.token_ids)
+    edited = [*initial[:2], 3012, *initial[3:]]  # one word replaced, words after it
+    [again] = generator.generate([prompt + edited[:3]], [SamplingParams(max_new_tokens=7)])
+    expected = tiny.tokenizer.decode(edited[:3] + list(again.token_ids), skip_special_tokens=True)
+    assert rewrite.rewritten(generator, prompt, initial, edited, 10, ()) == expected
+    assert rewrite.rewritten(generator, prompt, initial, initial, 10, ()) is None  # nothing changed
+    assert rewrite.rewritten(generator, prompt, initial, [*initial[:-1], 3012], 10, ()) is None  # at the end
+
+    rows = {r["condition"]: r for r in rewrite.run(tiny, load_concept_sets(3), max_new_tokens=8)}
+    assert list(rows) == list(rewrite.CONDITIONS)
+    step, kept = rows["greedy + step"], rows["rewrite if it keeps coverage"]
+    assert step["coverage"] >= rows["greedy"]["coverage"] and kept["coverage"] >= step["coverage"]
+    assert all(r["prompts"] == 3 and math.isfinite(r["own_ppl_change_pct"]) for r in rows.values())
+    assert rows["rewrite after the last edit"]["seconds_per_generation"] >= step["seconds_per_generation"] > 0
+    assert "rewrite after the last edit" in markdown_table(list(rows.values()), rewrite.TABLE)
 
 
 def test_http_quality_reads_everything_from_the_servers_answers(tiny):
