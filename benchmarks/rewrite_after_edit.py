@@ -122,10 +122,8 @@ def summarise(
                 "own_ppl_change_pct": 100 * (median(ppl[condition]) / base - 1),
                 "changed": sum(a != b for a, b in zip(ts, texts["greedy"])),
                 "not_the_steps": sum(a != b for a, b in zip(ts, texts["greedy + step"])),
-                # beside generation: the step's time, and the rewrite's on top of it
-                "seconds_per_generation": seconds[condition] / seconds["greedy"]
-                if condition != "greedy"
-                else 0.0,
+                # generation's own time is 1.0; the step's, and the rewrite's on top of it
+                "seconds_per_generation": seconds[condition] / seconds["greedy"],
             }
         )
     return rows
